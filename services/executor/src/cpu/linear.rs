@@ -1,0 +1,190 @@
+//! Dense layers `y = x · Wᵀ (+ b)` with `W` stored `[out, in]` in f32, f16 or bf16.
+//!
+//! Two paths, both multi-threaded over output rows with rayon and accumulating in f32:
+//! * few tokens (decode): a bandwidth-bound kernel that streams each weight row once and
+//!   dots it with every token's activations;
+//! * many tokens (prefill): the `gemm` crate's f32 GEMM, fed f16/bf16 weights converted to
+//!   f32 one row panel at a time.
+
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use super::simd::{dot, dot4};
+use crate::weights::TensorData;
+
+/// Token count from which the GEMM path is used.
+const GEMM_MIN_TOKENS: usize = 8;
+/// Output rows per task on the few-token path.
+const GEMV_ROWS_PER_TASK: usize = 32;
+/// Output rows per converted panel on the GEMM path.
+const GEMM_PANEL_ROWS: usize = 128;
+
+/// A dense layer.
+pub struct Linear {
+    /// Output width.
+    pub out_features: usize,
+    /// Input width.
+    pub in_features: usize,
+    /// `[out_features, in_features]`, row-major.
+    pub weight: TensorData,
+    /// Optional bias of `out_features`.
+    pub bias: Option<Vec<f32>>,
+}
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes a disjoint set of elements.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl Linear {
+    /// `y[t, o] = Σ_i x[t, i] · W[o, i] + b[o]` for `tokens` rows of `x`.
+    pub fn forward(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), tokens * self.in_features, "linear input size");
+        assert_eq!(y.len(), tokens * self.out_features, "linear output size");
+        if tokens == 0 {
+            return;
+        }
+        if tokens < GEMM_MIN_TOKENS {
+            self.forward_few(x, tokens, y);
+        } else {
+            self.forward_gemm(x, tokens, y);
+        }
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(self.out_features) {
+                for (v, bias) in row.iter_mut().zip(b) {
+                    *v += bias;
+                }
+            }
+        }
+    }
+
+    /// Weight row panel `rows` as f32: borrowed for f32 weights, converted into `scratch` else.
+    fn panel<'a>(&'a self, rows: std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        let k = self.in_features;
+        let range = rows.start * k..rows.end * k;
+        match &self.weight {
+            TensorData::F32(b) => &b.as_slice()[range],
+            TensorData::F16(b) => {
+                scratch.resize(range.len(), 0.0);
+                b.as_slice()[range].convert_to_f32_slice(scratch);
+                scratch
+            }
+            TensorData::BF16(b) => {
+                scratch.resize(range.len(), 0.0);
+                b.as_slice()[range].convert_to_f32_slice(scratch);
+                scratch
+            }
+        }
+    }
+
+    fn forward_few(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        let (n, k) = (self.out_features, self.in_features);
+        let out = SharedOut(y.as_mut_ptr());
+        let tasks = n.div_ceil(GEMV_ROWS_PER_TASK);
+        (0..tasks).into_par_iter().for_each_init(Vec::new, |scratch, task| {
+            let out = out;
+            let rows = task * GEMV_ROWS_PER_TASK..((task + 1) * GEMV_ROWS_PER_TASK).min(n);
+            let first = rows.start;
+            let panel = self.panel(rows.clone(), scratch);
+            for (r, w) in panel.chunks_exact(k).enumerate() {
+                let o = first + r;
+                let mut t = 0;
+                while t + 4 <= tokens {
+                    let xs = [&x[t * k..][..k], &x[(t + 1) * k..][..k], &x[(t + 2) * k..][..k], &x[(t + 3) * k..][..k]];
+                    let d = dot4(w, xs);
+                    for (j, v) in d.into_iter().enumerate() {
+                        // SAFETY: (t + j, o) is inside y and written by this task only.
+                        unsafe { *out.0.add((t + j) * n + o) = v };
+                    }
+                    t += 4;
+                }
+                while t < tokens {
+                    // SAFETY: as above.
+                    unsafe { *out.0.add(t * n + o) = dot(w, &x[t * k..][..k]) };
+                    t += 1;
+                }
+            }
+        });
+    }
+
+    fn forward_gemm(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        let (n, k) = (self.out_features, self.in_features);
+        let out = SharedOut(y.as_mut_ptr());
+        let panels = n.div_ceil(GEMM_PANEL_ROWS);
+        (0..panels).into_par_iter().for_each_init(Vec::new, |scratch, p| {
+            let out = out;
+            let rows = p * GEMM_PANEL_ROWS..((p + 1) * GEMM_PANEL_ROWS).min(n);
+            let cols = rows.len();
+            let first = rows.start;
+            let w = self.panel(rows, scratch);
+            // SAFETY: dst covers y[.., first..first + cols] (row stride n), written by this task
+            // only; lhs is x [tokens, k]; rhs is the panel read as [k, cols] (col stride k).
+            unsafe {
+                gemm::gemm(
+                    tokens,
+                    cols,
+                    k,
+                    out.0.add(first),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{Buffer, WeightDtype};
+    use std::sync::Arc;
+
+    fn reference(w: &[f32], x: &[f32], n: usize, k: usize, t: usize) -> Vec<f32> {
+        let mut y = vec![0.0f64; t * n];
+        for ti in 0..t {
+            for o in 0..n {
+                y[ti * n + o] = (0..k).map(|i| x[ti * k + i] as f64 * w[o * k + i] as f64).sum();
+            }
+        }
+        y.into_iter().map(|v| v as f32).collect()
+    }
+
+    fn pseudo(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn both_paths_match_a_reference_in_every_dtype() {
+        let (n, k) = (70, 45);
+        let w = pseudo(n * k, 7);
+        for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::BF16] {
+            let data = TensorData::F32(Buffer::Owned(Arc::new(w.clone()))).convert(dtype);
+            let rounded = data.to_f32();
+            let lin = Linear { out_features: n, in_features: k, weight: data, bias: Some(vec![0.5; n]) };
+            for t in [1, 3, 5, 8, 33] {
+                let x = pseudo(t * k, 3);
+                let mut y = vec![f32::NAN; t * n];
+                lin.forward(&x, t, &mut y);
+                let expect = reference(&rounded, &x, n, k, t);
+                for (a, b) in y.iter().zip(&expect) {
+                    assert!((a - (b + 0.5)).abs() < 1e-4, "{dtype:?} t={t}: {a} vs {}", b + 0.5);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The CPU backend: the reference implementation of the model over the paged KV cache.
+
+pub mod attention;
+pub mod kv_cache;
+pub mod linear;
+pub mod model;
+pub mod ops;
+pub mod simd;

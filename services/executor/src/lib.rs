@@ -1,0 +1,18 @@
+//! The pagemesh executor.
+//!
+//! It loads a Llama-family model (Llama 2/3, Mistral, Qwen2) from a Hugging Face directory
+//! and runs the [`StepPlan`](pagemesh_shared::StepPlan)s the scheduler sends: block swaps and
+//! copies, one forward pass over a flat batch of prefill chunks and decode tokens reading and
+//! writing the paged KV cache, and sampling. It never allocates KV blocks itself.
+
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod executor;
+pub mod sampling;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{ExecutorError, Result};
+pub use executor::{CacheConfig, Executor};
+pub use weights::WeightDtype;

@@ -1,0 +1,17 @@
+//! Types shared by every pagemesh service.
+//!
+//! * [`sampling`]: the per-request sampling parameters and their validation.
+//! * [`step`]: the scheduler → executor step protocol (what to run, which blocks to
+//!   read, write, swap and copy) and the executor → scheduler step result.
+//! * [`config`]: engine configuration (cache geometry, batching limits, preemption mode).
+//! * [`output`]: what a request produces (tokens, logprobs, finish reasons).
+
+pub mod config;
+pub mod output;
+pub mod sampling;
+pub mod step;
+
+pub use config::{EngineConfig, PreemptionMode};
+pub use output::{FinishReason, SampledToken};
+pub use sampling::SamplingParams;
+pub use step::{BlockId, SampleSpec, ScheduledSeq, SeqId, SeqResult, StepOutput, StepPlan};
