@@ -84,10 +84,7 @@ impl SamplingParams {
             return Err("max_tokens must be at least 1".into());
         }
         if self.min_tokens > self.max_tokens {
-            return Err(format!(
-                "min_tokens ({}) must not exceed max_tokens ({})",
-                self.min_tokens, self.max_tokens
-            ));
+            return Err(format!("min_tokens ({}) must not exceed max_tokens ({})", self.min_tokens, self.max_tokens));
         }
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(format!("temperature must be >= 0, got {}", self.temperature));

@@ -7,8 +7,7 @@ use serde::Deserialize;
 use crate::error::{ExecutorError, Result};
 
 /// Architectures this executor runs.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
 /// RoPE frequency scaling.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,9 +112,7 @@ struct RawConfig {
 pub fn token_ids(value: Option<&serde_json::Value>) -> Vec<u32> {
     match value {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(items)) => {
-            items.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect()
-        }
+        Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
         _ => Vec::new(),
     }
 }
@@ -139,8 +136,8 @@ impl ModelConfig {
 
     /// Parses and checks the text of a `config.json`.
     pub fn parse(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|e| ExecutorError::Config(format!("config.json is not valid: {e}")))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| ExecutorError::Config(format!("config.json is not valid: {e}")))?;
         let architecture = raw
             .architectures
             .as_ref()
@@ -187,9 +184,7 @@ impl ModelConfig {
                     high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
                     original_max_position_embeddings: s.original_max_position_embeddings.unwrap_or(8192.0),
                 },
-                Some(other) => {
-                    return Err(ExecutorError::Config(format!("unsupported rope_scaling type {other}")))
-                }
+                Some(other) => return Err(ExecutorError::Config(format!("unsupported rope_scaling type {other}"))),
             },
         };
         let sliding_window = match (&raw.sliding_window, raw.use_sliding_window) {

@@ -90,7 +90,10 @@ impl Executor {
             }
             let end = seq.start_pos + seq.tokens.len();
             if end > max_len {
-                return Err(invalid(format!("sequence {} reaches position {end} > max model length {max_len}", seq.seq_id)));
+                return Err(invalid(format!(
+                    "sequence {} reaches position {end} > max model length {max_len}",
+                    seq.seq_id
+                )));
             }
             if seq.block_table.len() * bs < end {
                 return Err(invalid(format!("sequence {}: block table too short for {end} tokens", seq.seq_id)));
@@ -103,7 +106,12 @@ impl Executor {
             }
             if let Some(h) = &seq.history {
                 if h.len() != seq.start_pos {
-                    return Err(invalid(format!("sequence {}: history of {} tokens for start {}", seq.seq_id, h.len(), seq.start_pos)));
+                    return Err(invalid(format!(
+                        "sequence {}: history of {} tokens for start {}",
+                        seq.seq_id,
+                        h.len(),
+                        seq.start_pos
+                    )));
                 }
             }
             if let Some(s) = &seq.sample {
@@ -148,7 +156,12 @@ impl Executor {
                 positions.push(pos);
                 slots.push(seq.block_table[pos / bs] as usize * bs + pos % bs);
             }
-            spans.push(SeqSpan { first_row, len: seq.tokens.len(), start_pos: seq.start_pos, block_table: &seq.block_table });
+            spans.push(SeqSpan {
+                first_row,
+                len: seq.tokens.len(),
+                start_pos: seq.start_pos,
+                block_table: &seq.block_table,
+            });
             if seq.sample.is_some() {
                 logit_rows.push(tokens.len() - 1);
             }
@@ -159,7 +172,13 @@ impl Executor {
             history.truncate(seq.start_pos);
             history.extend_from_slice(&seq.tokens);
         }
-        let batch = ForwardBatch { tokens: &tokens, positions: &positions, slots: &slots, spans: &spans, logit_rows: &logit_rows };
+        let batch = ForwardBatch {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            spans: &spans,
+            logit_rows: &logit_rows,
+        };
         let logits = self.model.forward(&batch, &mut self.cache);
         let vocab = self.model.config.vocab_size;
         let sampled: Vec<_> = plan.seqs.iter().filter(|s| s.sample.is_some()).collect();
@@ -170,7 +189,8 @@ impl Executor {
             .map(|(seq, row)| {
                 let spec = seq.sample.as_ref().expect("filtered on sample");
                 let history = histories.get(&seq.seq_id).map(Vec::as_slice).unwrap_or(&[]);
-                let samples = (0..spec.num_samples).map(|i| sample(row, spec, history, spec.sample_index + i)).collect();
+                let samples =
+                    (0..spec.num_samples).map(|i| sample(row, spec, history, spec.sample_index + i)).collect();
                 SeqResult { seq_id: seq.seq_id, samples }
             })
             .collect();

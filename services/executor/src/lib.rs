@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod error;
 pub mod executor;
 pub mod sampling;
+pub mod synth;
 pub mod weights;
 
 pub use config::ModelConfig;

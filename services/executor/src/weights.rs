@@ -129,9 +129,7 @@ impl TensorData {
         let values = self.to_f32();
         match dtype {
             WeightDtype::F32 => Self::F32(Buffer::Owned(Arc::new(values))),
-            WeightDtype::F16 => {
-                Self::F16(Buffer::Owned(Arc::new(values.iter().map(|&v| f16::from_f32(v)).collect())))
-            }
+            WeightDtype::F16 => Self::F16(Buffer::Owned(Arc::new(values.iter().map(|&v| f16::from_f32(v)).collect()))),
             WeightDtype::BF16 => {
                 Self::BF16(Buffer::Owned(Arc::new(values.iter().map(|&v| bf16::from_f32(v)).collect())))
             }
@@ -190,8 +188,8 @@ impl WeightStore {
         let index = model_dir.join("model.safetensors.index.json");
         let files: Vec<std::path::PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| read_error(&index, e))?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ExecutorError::Weights(format!("{}: {e}", index.display())))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ExecutorError::Weights(format!("{}: {e}", index.display())))?;
             let map = value
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -221,8 +219,8 @@ impl WeightStore {
         let file = std::fs::File::open(path).map_err(|e| read_error(path, e))?;
         // SAFETY: the mapping is read-only; weights files are not modified while served.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| read_error(path, e))?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&map)
-            .map_err(|e| ExecutorError::Weights(format!("{}: {e}", path.display())))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&map).map_err(|e| ExecutorError::Weights(format!("{}: {e}", path.display())))?;
         let data_start = 8 + header_len;
         let file_index = self.maps.len();
         for (name, info) in metadata.tensors() {
@@ -262,10 +260,7 @@ impl WeightStore {
 
     /// A tensor with the expected shape, or an error naming what is wrong.
     pub fn get(&self, name: &str, expected_shape: &[usize]) -> Result<Tensor> {
-        let loc = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ExecutorError::Weights(format!("missing tensor {name}")))?;
+        let loc = self.tensors.get(name).ok_or_else(|| ExecutorError::Weights(format!("missing tensor {name}")))?;
         if loc.shape != expected_shape {
             return Err(ExecutorError::Weights(format!(
                 "tensor {name} has shape {:?}, expected {:?}",

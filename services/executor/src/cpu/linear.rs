@@ -9,11 +9,11 @@
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::simd::{dot, dot4};
+use super::gemv::{isa, row_dot4, rows4_dot4, RowsRef};
 use crate::weights::TensorData;
 
 /// Token count from which the GEMM path is used.
-const GEMM_MIN_TOKENS: usize = 8;
+const GEMM_MIN_TOKENS: usize = 48;
 /// Output rows per task on the few-token path.
 const GEMV_ROWS_PER_TASK: usize = 32;
 /// Output rows per converted panel on the GEMM path.
@@ -37,6 +37,13 @@ struct SharedOut(*mut f32);
 // SAFETY: every task writes a disjoint set of elements.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 
 impl Linear {
     /// `y[t, o] = Σ_i x[t, i] · W[o, i] + b[o]` for `tokens` rows of `x`.
@@ -82,28 +89,42 @@ impl Linear {
     fn forward_few(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         let (n, k) = (self.out_features, self.in_features);
         let out = SharedOut(y.as_mut_ptr());
+        let rows = match &self.weight {
+            TensorData::F32(b) => RowsRef::F32(b.as_slice()),
+            TensorData::F16(b) => RowsRef::F16(b.as_slice()),
+            TensorData::BF16(b) => RowsRef::BF16(b.as_slice()),
+        };
+        let isa = isa();
         let tasks = n.div_ceil(GEMV_ROWS_PER_TASK);
-        (0..tasks).into_par_iter().for_each_init(Vec::new, |scratch, task| {
-            let out = out;
-            let rows = task * GEMV_ROWS_PER_TASK..((task + 1) * GEMV_ROWS_PER_TASK).min(n);
-            let first = rows.start;
-            let panel = self.panel(rows.clone(), scratch);
-            for (r, w) in panel.chunks_exact(k).enumerate() {
-                let o = first + r;
-                let mut t = 0;
-                while t + 4 <= tokens {
-                    let xs = [&x[t * k..][..k], &x[(t + 1) * k..][..k], &x[(t + 2) * k..][..k], &x[(t + 3) * k..][..k]];
-                    let d = dot4(w, xs);
-                    for (j, v) in d.into_iter().enumerate() {
-                        // SAFETY: (t + j, o) is inside y and written by this task only.
-                        unsafe { *out.0.add((t + j) * n + o) = v };
+        (0..tasks).into_par_iter().for_each(|task| {
+            let panel = task * GEMV_ROWS_PER_TASK..((task + 1) * GEMV_ROWS_PER_TASK).min(n);
+            // Token groups outside, rows inside: a group's activations stay in L1 while the
+            // panel's rows stream past them.
+            for t in (0..tokens).step_by(4) {
+                let used = (tokens - t).min(4);
+                let xs: [&[f32]; 4] = std::array::from_fn(|j| {
+                    let tj = (t + j).min(tokens - 1);
+                    &x[tj * k..(tj + 1) * k]
+                });
+                let mut o = panel.start;
+                while o < panel.end {
+                    let block = (panel.end - o).min(4);
+                    let d = if block == 4 {
+                        rows4_dot4(rows, o, k, xs, used, isa)
+                    } else {
+                        let mut d = [[0.0; 4]; 4];
+                        for (r, dr) in d.iter_mut().enumerate().take(block) {
+                            *dr = row_dot4(rows, o + r, k, xs, used, isa);
+                        }
+                        d
+                    };
+                    for (r, row_out) in d.iter().enumerate().take(block) {
+                        for (j, v) in row_out.iter().take(used).enumerate() {
+                            // SAFETY: (t + j, o + r) is inside y and written by this task only.
+                            unsafe { *out.ptr().add((t + j) * n + o + r) = *v };
+                        }
                     }
-                    t += 4;
-                }
-                while t < tokens {
-                    // SAFETY: as above.
-                    unsafe { *out.0.add(t * n + o) = dot(w, &x[t * k..][..k]) };
-                    t += 1;
+                    o += block;
                 }
             }
         });
@@ -114,7 +135,6 @@ impl Linear {
         let out = SharedOut(y.as_mut_ptr());
         let panels = n.div_ceil(GEMM_PANEL_ROWS);
         (0..panels).into_par_iter().for_each_init(Vec::new, |scratch, p| {
-            let out = out;
             let rows = p * GEMM_PANEL_ROWS..((p + 1) * GEMM_PANEL_ROWS).min(n);
             let cols = rows.len();
             let first = rows.start;
@@ -126,7 +146,7 @@ impl Linear {
                     tokens,
                     cols,
                     k,
-                    out.0.add(first),
+                    out.ptr().add(first),
                     1,
                     n as isize,
                     false,
@@ -176,7 +196,7 @@ mod tests {
             let data = TensorData::F32(Buffer::Owned(Arc::new(w.clone()))).convert(dtype);
             let rounded = data.to_f32();
             let lin = Linear { out_features: n, in_features: k, weight: data, bias: Some(vec![0.5; n]) };
-            for t in [1, 3, 5, 8, 33] {
+            for t in [1, 3, 5, 8, 33, 47, 48, 60] {
                 let x = pseudo(t * k, 3);
                 let mut y = vec![f32::NAN; t * n];
                 lin.forward(&x, t, &mut y);

@@ -1,6 +1,7 @@
 //! The CPU backend: the reference implementation of the model over the paged KV cache.
 
 pub mod attention;
+pub mod gemv;
 pub mod kv_cache;
 pub mod linear;
 pub mod model;
