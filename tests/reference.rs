@@ -33,6 +33,7 @@ fn check_run(flags: &[&str], repeat: usize) -> Value {
         assert_matches_reference(output, &cases[i % cases.len()]);
     }
     assert_all_blocks_free(&run.stats);
+    eprintln!("flags {flags:?} x{repeat}: {}", run.stats);
     run.stats
 }
 
@@ -83,8 +84,10 @@ fn prefix_cache_hits_give_the_same_tokens() {
 #[test]
 fn logprobs_of_the_first_decode_positions_match_the_reference_logits() {
     let cases = reference_cases();
-    let lines: Vec<Value> =
-        cases.iter().map(|c| json!({"prompt": c["prompt"], "max_tokens": 3, "temperature": 0.0, "logprobs": 5})).collect();
+    let lines: Vec<Value> = cases
+        .iter()
+        .map(|c| json!({"prompt": c["prompt"], "max_tokens": 3, "temperature": 0.0, "logprobs": 5}))
+        .collect();
     let run = generate(&model_dir(), &lines, &[]);
     let mut worst = 0.0f64;
     for (case, output) in cases.iter().zip(&run.outputs) {

@@ -84,8 +84,11 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&l| (l as f64 - log_sum) as f32).collect()
 }
 
-/// The candidate probabilities after temperature, top-k, top-p and min-p, most likely
-/// first (ties by lower id), renormalized.
+/// The candidate probabilities after temperature, top-k, top-p and min-p, renormalized.
+///
+/// Candidates are in id order when no top-p cut is asked for, else most likely first (ties by
+/// lower id); either order is a pure function of the logits and the parameters. Only the
+/// head of the distribution that top-p needs is sorted.
 pub fn filtered_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
     let t = params.temperature as f64;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -104,22 +107,35 @@ pub fn filtered_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u3
         let k = params.top_k as usize;
         probs.select_nth_unstable_by(k - 1, by_prob_then_id);
         probs.truncate(k);
+        probs.sort_unstable_by_key(|p| p.0);
     }
-    probs.sort_unstable_by(by_prob_then_id);
     if params.top_p < 1.0 {
-        let mut cumulative = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            cumulative += p.1;
-            if cumulative >= params.top_p as f64 {
-                keep = i + 1;
-                break;
+        let kept_mass: f64 = probs.iter().map(|p| p.1).sum();
+        let target = params.top_p as f64 * kept_mass;
+        let mut head = 64.min(probs.len());
+        loop {
+            if head < probs.len() {
+                probs.select_nth_unstable_by(head - 1, by_prob_then_id);
+            }
+            probs[..head].sort_unstable_by(by_prob_then_id);
+            let mut cumulative = 0.0;
+            let cut = probs[..head].iter().position(|p| {
+                cumulative += p.1;
+                cumulative >= target
+            });
+            match cut {
+                Some(i) => {
+                    probs.truncate(i + 1);
+                    break;
+                }
+                None if head == probs.len() => break,
+                None => head = (head * 4).min(probs.len()),
             }
         }
-        probs.truncate(keep.max(1));
     }
     if params.min_p > 0.0 {
-        let threshold = params.min_p as f64 * probs[0].1;
+        let top = probs.iter().map(|p| p.1).fold(0.0, f64::max);
+        let threshold = params.min_p as f64 * top;
         probs.retain(|p| p.1 >= threshold);
     }
     let total: f64 = probs.iter().map(|p| p.1).sum();
@@ -129,7 +145,7 @@ pub fn filtered_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u3
     probs
 }
 
-/// Picks from a distribution (most likely first) with a uniform draw `u` in `[0, 1)`.
+/// Picks from a distribution (in its order) with a uniform draw `u` in `[0, 1)`.
 pub fn pick(distribution: &[(u32, f64)], u: f64) -> u32 {
     let mut cumulative = 0.0;
     for &(id, p) in distribution {
@@ -223,6 +239,28 @@ mod tests {
         assert_eq!(filtered_distribution(&logits, &params).len(), 2);
         let params = SamplingParams { top_p: 0.76, ..Default::default() };
         assert_eq!(filtered_distribution(&logits, &params).len(), 3);
+    }
+
+    #[test]
+    fn top_p_over_a_large_vocabulary_matches_a_full_sort() {
+        let logits: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 1000) as f32 / 120.0).collect();
+        for top_p in [0.05f32, 0.5, 0.9, 0.999] {
+            let params = SamplingParams { top_p, top_k: 3000, ..Default::default() };
+            let got = filtered_distribution(&logits, &params);
+            let max = logits.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let mut all: Vec<(u32, f64)> =
+                logits.iter().enumerate().map(|(i, &l)| (i as u32, (l as f64 - max).exp())).collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            all.truncate(3000);
+            let mass: f64 = all.iter().map(|p| p.1).sum();
+            let mut cumulative = 0.0;
+            let keep = all.iter().position(|p| {
+                cumulative += p.1 / mass;
+                cumulative >= top_p as f64
+            });
+            let want: Vec<u32> = all[..=keep.expect("reached")].iter().map(|p| p.0).collect();
+            assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), want, "top_p {top_p}");
+        }
     }
 
     #[test]

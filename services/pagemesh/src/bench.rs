@@ -1,0 +1,112 @@
+//! `pagemesh bench`: measured figures of the engine.
+
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use pagemesh_shared::SamplingParams;
+use serde_json::json;
+
+use crate::engine_args::EngineArgs;
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Decode tokens/s at several batch sizes and prefill tokens/s, in process.
+    Engine(EngineBenchArgs),
+}
+
+/// Flags of `pagemesh bench engine`.
+#[derive(Args, Debug)]
+pub struct EngineBenchArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Batch sizes to measure decode at.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch_sizes: Vec<usize>,
+    /// Prompt length of every request.
+    #[arg(long, default_value_t = 64)]
+    prompt_len: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Prompts in the prefill measurement.
+    #[arg(long, default_value_t = 8)]
+    prefill_requests: usize,
+}
+
+/// Seconds spent in prefill steps and in decode-only steps, and tokens fed in each.
+#[derive(Default)]
+struct Split {
+    prefill_s: f64,
+    prefill_tokens: usize,
+    decode_s: f64,
+    decode_tokens: usize,
+}
+
+fn prompt(len: usize, salt: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|i| (3 + (i * 7919 + salt * 104_729) % (vocab - 3)) as u32).collect()
+}
+
+fn run_batch(
+    engine: &mut pagemesh_engine::Engine,
+    args: &EngineBenchArgs,
+    batch: usize,
+    max_tokens: usize,
+) -> Result<Split, String> {
+    let vocab = engine.executor().model().config.vocab_size;
+    for b in 0..batch {
+        let params = SamplingParams { max_tokens, ignore_eos: true, ..SamplingParams::greedy(max_tokens) };
+        engine.add_request(prompt(args.prompt_len, b + batch * 1000, vocab), params).map_err(|e| e.to_string())?;
+    }
+    let mut split = Split::default();
+    while engine.has_unfinished_requests() {
+        let started = Instant::now();
+        engine.step().map_err(|e| e.to_string())?;
+        let elapsed = started.elapsed().as_secs_f64();
+        if let Some(shape) = engine.last_step_shape() {
+            if shape.tokens == shape.seqs {
+                split.decode_s += elapsed;
+                split.decode_tokens += shape.tokens;
+            } else {
+                split.prefill_s += elapsed;
+                split.prefill_tokens += shape.tokens;
+            }
+        }
+    }
+    Ok(split)
+}
+
+/// Runs a benchmark.
+pub fn run(cmd: BenchCommand) -> Result<(), String> {
+    match cmd {
+        BenchCommand::Engine(args) => {
+            let mut engine = args.engine.build()?;
+            let dtype = format!("{:?}", engine.executor().model().dtype());
+            let threads = rayon::current_num_threads();
+            // Warm up caches and thread pools.
+            run_batch(&mut engine, &args, 1, 4)?;
+            let mut decode = Vec::new();
+            for &batch in &args.batch_sizes {
+                let split = run_batch(&mut engine, &args, batch, args.decode_tokens)?;
+                let tok_s = split.decode_tokens as f64 / split.decode_s;
+                eprintln!(
+                    "decode batch {batch:>3}: {tok_s:9.1} tok/s ({} tokens in {:.2} s)",
+                    split.decode_tokens, split.decode_s
+                );
+                decode.push(json!({"batch": batch, "tokens_per_s": tok_s, "tokens": split.decode_tokens, "seconds": split.decode_s}));
+            }
+            let split = run_batch(&mut engine, &args, args.prefill_requests, 1)?;
+            let prefill_tok_s = split.prefill_tokens as f64 / split.prefill_s;
+            eprintln!(
+                "prefill: {prefill_tok_s:9.1} tok/s ({} tokens in {:.2} s)",
+                split.prefill_tokens, split.prefill_s
+            );
+            println!(
+                "{}",
+                json!({"model": args.engine.model, "dtype": dtype, "threads": threads, "prompt_len": args.prompt_len,
+                       "decode": decode, "prefill_tokens_per_s": prefill_tok_s})
+            );
+            Ok(())
+        }
+    }
+}
