@@ -66,11 +66,16 @@ fn recompute_preemption_gives_the_same_tokens() {
     let stats = check_run(&["--num-device-blocks", "30", "--preemption-mode", "recompute"], 1);
     assert!(stats["preemptions_recompute"].as_u64().expect("count") > 0, "no recompute preemption happened: {stats}");
     assert_eq!(stats["preemptions_swap"], 0, "{stats}");
+    let cold = check_run(&["--num-device-blocks", "30", "--preemption-mode", "recompute", "--no-prefix-caching"], 1);
+    assert!(cold["preemptions_recompute"].as_u64().expect("count") > 0, "no recompute preemption happened: {cold}");
+    assert_eq!(cold["prefix_cache_hit_tokens"], 0, "{cold}");
 }
 
 #[test]
 fn tiny_prefill_chunks_give_the_same_tokens() {
-    check_run(&["--max-num-batched-tokens", "8"], 1);
+    let stats = check_run(&["--max-num-batched-tokens", "8"], 1);
+    // Prompts of up to 35 tokens fed 8 at a time (beside decodes) take extra steps.
+    assert!(stats["steps"].as_u64().expect("count") > 200, "{stats}");
 }
 
 #[test]

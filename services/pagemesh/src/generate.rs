@@ -45,8 +45,14 @@ fn parse_line(line: &str, tokenizer: &TextTokenizer) -> Result<InputLine, String
     };
     let prompt = object.remove("prompt");
     let ids = object.remove("prompt_token_ids");
-    let params: SamplingParams =
-        serde_json::from_value(Value::Object(object)).map_err(|e| format!("invalid sampling parameters: {e}"))?;
+    let params: SamplingParams = serde_path_to_error::deserialize(Value::Object(object)).map_err(|e| {
+        let field = e.path().to_string();
+        if field == "." {
+            format!("invalid sampling parameters: {}", e.inner())
+        } else {
+            format!("invalid value for {field}: {}", e.inner())
+        }
+    })?;
     params.validate()?;
     match (prompt, ids) {
         (Some(Value::String(text)), None) => {

@@ -1,0 +1,81 @@
+//! Bad lines given to `pagemesh generate` get a clear error in their place; the other lines
+//! are served and no block leaks.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{assert_all_blocks_free, generate, model_dir};
+
+#[test]
+fn bad_lines_get_errors_and_the_rest_is_served() {
+    let long_prompt: Vec<u32> = (0..600).map(|i| 3 + i % 500).collect();
+    let lines = vec![
+        json!({"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}),
+        json!({"max_tokens": 5}),
+        json!({"prompt": "x", "max_tokens": -3}),
+        json!({"prompt": "x", "max_tokens": 5, "temperature": -1}),
+        json!({"prompt": "x", "max_tokens": 5, "top_p": 1.5}),
+        json!({"prompt": "x", "max_tokens": 5, "frobnicate": true}),
+        json!({"prompt": 12}),
+        json!({"prompt_token_ids": long_prompt, "max_tokens": 5}),
+        json!({"prompt": "x", "max_tokens": 100000}),
+        json!({"prompt_token_ids": [1, 99999], "max_tokens": 5}),
+        json!({"prompt_token_ids": [], "max_tokens": 5}),
+        json!([1, 2, 3]),
+        json!({"prompt": "The little dog", "max_tokens": 5, "temperature": 0}),
+    ];
+    let run = generate(&model_dir(), &lines, &[]);
+    assert_eq!(run.outputs.len(), lines.len());
+    let expect_error = |i: usize, needle: &str| {
+        let err = run.outputs[i]["error"].as_str().unwrap_or_else(|| panic!("line {i} should fail: {}", run.outputs[i]));
+        assert!(err.contains(needle), "line {i}: {err:?} should mention {needle:?}");
+    };
+    expect_error(1, "prompt");
+    expect_error(2, "max_tokens");
+    expect_error(3, "temperature");
+    expect_error(4, "top_p");
+    expect_error(5, "frobnicate");
+    expect_error(6, "prompt");
+    expect_error(7, "512");
+    expect_error(8, "512");
+    expect_error(9, "99999");
+    expect_error(10, "empty");
+    expect_error(11, "object");
+    for i in [0, 12] {
+        assert_eq!(run.outputs[i]["outputs"][0]["token_ids"].as_array().map(Vec::len), Some(5), "line {i}");
+    }
+    assert_all_blocks_free(&run.stats);
+}
+
+#[test]
+fn invalid_json_and_missing_files_are_reported() {
+    let dir = support::scratch_dir("badjson");
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"Once\", \"max_tokens\": 2}\n{not json\n").expect("write");
+    let out = dir.join("out.jsonl");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_pagemesh"))
+        .args(["generate", "--model"])
+        .arg(model_dir())
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .expect("runs");
+    assert!(status.status.success());
+    let text = std::fs::read_to_string(&out).expect("output");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert!(lines[0]["outputs"].is_array());
+    assert!(lines[1]["error"].as_str().expect("error").contains("invalid JSON"));
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_pagemesh"))
+        .args(["generate", "--model", "/nonexistent/model", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .expect("runs");
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("/nonexistent/model") && !stderr.contains("panicked"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
