@@ -1,0 +1,68 @@
+//! The stories260K tokenizer against llama2.c's encoder on 1,609 strings, and the incremental
+//! decoder against whole-text decoding.
+
+use std::path::PathBuf;
+
+use pagemesh_tokenizer::{IncrementalDecoder, TextTokenizer};
+use serde_json::Value;
+
+fn model_dir() -> PathBuf {
+    std::env::var_os("PAGEMESH_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K"))
+}
+
+fn cases() -> Vec<(String, Vec<u32>)> {
+    let text = std::fs::read_to_string(model_dir().join("verification/tokenizer_cases.json")).expect("cases");
+    let value: Value = serde_json::from_str(&text).expect("json");
+    value["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| {
+            let ids = c["ids"].as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect();
+            (c["text"].as_str().expect("text").to_string(), ids)
+        })
+        .collect()
+}
+
+#[test]
+fn encodes_like_llama2c_and_round_trips() {
+    let tok = TextTokenizer::load(&model_dir()).expect("tokenizer");
+    let cases = cases();
+    assert!(cases.len() > 1000);
+    for (text, ids) in &cases {
+        assert_eq!(&tok.encode_with(text, false).expect("encode"), ids, "{text:?}");
+        let with_bos = tok.encode(text).expect("encode");
+        assert_eq!(with_bos[0], 1, "BOS first");
+        assert_eq!(&with_bos[1..], ids.as_slice());
+        assert_eq!(&tok.decode(ids).expect("decode"), text, "round trip of {text:?}");
+    }
+}
+
+#[test]
+fn incremental_decoding_equals_whole_decoding_and_never_splits_a_character() {
+    let tok = TextTokenizer::load(&model_dir()).expect("tokenizer");
+    let prompt = tok.encode("Sam found a café").expect("encode");
+    let prompt_text = tok.decode(&prompt).expect("decode");
+    let mut checked_multibyte = 0;
+    for (text, ids) in cases() {
+        let mut decoder = IncrementalDecoder::new(&tok, &prompt);
+        let mut streamed = String::new();
+        for &id in &ids {
+            let delta = decoder.push(id).expect("push");
+            assert!(!delta.contains('\u{FFFD}') || text.contains('\u{FFFD}'), "half a character in {delta:?} of {text:?}");
+            streamed.push_str(&delta);
+        }
+        streamed.push_str(&decoder.flush().expect("flush"));
+        let mut all = prompt.clone();
+        all.extend(&ids);
+        let whole = tok.decode(&all).expect("decode");
+        assert_eq!(streamed, whole[prompt_text.len()..], "{text:?}");
+        assert_eq!(streamed, tok.generated_text(&prompt, &ids).expect("generated text"));
+        if ids.iter().any(|&i| (3..259).contains(&i)) && text.chars().any(|c| c.len_utf8() > 1) {
+            checked_multibyte += 1;
+        }
+    }
+    assert!(checked_multibyte > 100, "only {checked_multibyte} byte-fallback strings");
+}
