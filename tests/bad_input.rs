@@ -27,7 +27,8 @@ fn bad_lines_get_errors_and_the_rest_is_served() {
     let run = generate(&model_dir(), &lines, &[]);
     assert_eq!(run.outputs.len(), lines.len());
     let expect_error = |i: usize, needle: &str| {
-        let err = run.outputs[i]["error"].as_str().unwrap_or_else(|| panic!("line {i} should fail: {}", run.outputs[i]));
+        let err =
+            run.outputs[i]["error"].as_str().unwrap_or_else(|| panic!("line {i} should fail: {}", run.outputs[i]));
         assert!(err.contains(needle), "line {i}: {err:?} should mention {needle:?}");
     };
     expect_error(1, "prompt");

@@ -87,7 +87,8 @@ fn stop_tokens_end_a_sample_unless_min_tokens_holds_them_back() {
 #[test]
 fn penalties_change_a_repetitive_greedy_continuation() {
     let plain = json!({"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0});
-    let penalized = json!({"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "repetition_penalty": 1.5});
+    let penalized =
+        json!({"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "repetition_penalty": 1.5});
     let frequent = json!({"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "frequency_penalty": 1.0});
     let run = generate(&model_dir(), &[plain, penalized, frequent], &[]);
     let count_repeats = |t: &[u32]| t.len() - t.iter().collect::<std::collections::HashSet<_>>().len();

@@ -109,7 +109,10 @@ impl Engine {
     pub fn add_request(&mut self, prompt_token_ids: Vec<u32>, params: SamplingParams) -> Result<u64, EngineError> {
         let vocab = self.executor.model().config.vocab_size;
         if let Some(bad) = prompt_token_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(AdmissionError::Invalid(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")).into());
+            return Err(AdmissionError::Invalid(format!(
+                "prompt token id {bad} is outside the vocabulary (size {vocab})"
+            ))
+            .into());
         }
         let request_id = self.next_request_id;
         let seed = params.seed.unwrap_or_else(rand::random);

@@ -43,7 +43,9 @@ fn owned(view: &TensorView<'_>, shape: Vec<usize>) -> TensorView<'static> {
 fn sharded_weights_give_the_same_logits() {
     let dir = scratch("sharded");
     let mut map = serde_json::Map::new();
-    for (shard, keep_layers) in [("model-00001-of-00002.safetensors", true), ("model-00002-of-00002.safetensors", false)] {
+    for (shard, keep_layers) in
+        [("model-00001-of-00002.safetensors", true), ("model-00002-of-00002.safetensors", false)]
+    {
         rewrite(&dir, shard, |name, view| {
             let in_layers = name.starts_with("model.layers.");
             (in_layers == keep_layers).then(|| (name.to_string(), owned(view, view.shape().to_vec())))

@@ -51,7 +51,10 @@ fn incremental_decoding_equals_whole_decoding_and_never_splits_a_character() {
         let mut streamed = String::new();
         for &id in &ids {
             let delta = decoder.push(id).expect("push");
-            assert!(!delta.contains('\u{FFFD}') || text.contains('\u{FFFD}'), "half a character in {delta:?} of {text:?}");
+            assert!(
+                !delta.contains('\u{FFFD}') || text.contains('\u{FFFD}'),
+                "half a character in {delta:?} of {text:?}"
+            );
             streamed.push_str(&delta);
         }
         streamed.push_str(&decoder.flush().expect("flush"));

@@ -46,6 +46,29 @@ pub fn isa() -> Isa {
     })
 }
 
+/// Every instruction set this processor can run, best first.
+pub fn available_isas() -> Vec<Isa> {
+    match isa() {
+        Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
+        Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+        Isa::Portable => vec![Isa::Portable],
+    }
+}
+
+/// Calls a kernel instantiated for the number of used activation rows (1 to 4), so that its
+/// accumulators stay in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_used {
+    ($used:expr, $kernel:ident, $($arg:expr),*) => {
+        match $used {
+            1 => x86::$kernel::<1>($($arg),*),
+            2 => x86::$kernel::<2>($($arg),*),
+            3 => x86::$kernel::<3>($($arg),*),
+            _ => x86::$kernel::<4>($($arg),*),
+        }
+    };
+}
+
 /// `out[t] = Σ_i w[row, i] · xs[t][i]` for one weight row of width `k` and up to four
 /// activation rows (unused entries of `xs` are ignored).
 #[inline]
@@ -59,12 +82,12 @@ pub fn row_dot4(rows: RowsRef<'_>, row: usize, k: usize, xs: [&[f32]; 4], used: 
         // SAFETY: the ISA was detected on this processor; slices are at least `k` long.
         unsafe {
             match (isa, rows) {
-                (Isa::Avx512, RowsRef::F32(w)) => return x86::f32_avx512(w[range].as_ptr(), k, xs, used),
-                (Isa::Avx512, RowsRef::F16(w)) => return x86::f16_avx512(w[range].as_ptr(), k, xs, used),
-                (Isa::Avx512, RowsRef::BF16(w)) => return x86::bf16_avx512(w[range].as_ptr(), k, xs, used),
-                (Isa::Avx2, RowsRef::F32(w)) => return x86::f32_avx2(w[range].as_ptr(), k, xs, used),
-                (Isa::Avx2, RowsRef::F16(w)) => return x86::f16_avx2(w[range].as_ptr(), k, xs, used),
-                (Isa::Avx2, RowsRef::BF16(w)) => return x86::bf16_avx2(w[range].as_ptr(), k, xs, used),
+                (Isa::Avx512, RowsRef::F32(w)) => return by_used!(used, f32_avx512, w[range].as_ptr(), k, xs),
+                (Isa::Avx512, RowsRef::F16(w)) => return by_used!(used, f16_avx512, w[range].as_ptr(), k, xs),
+                (Isa::Avx512, RowsRef::BF16(w)) => return by_used!(used, bf16_avx512, w[range].as_ptr(), k, xs),
+                (Isa::Avx2, RowsRef::F32(w)) => return by_used!(used, f32_avx2, w[range].as_ptr(), k, xs),
+                (Isa::Avx2, RowsRef::F16(w)) => return by_used!(used, f16_avx2, w[range].as_ptr(), k, xs),
+                (Isa::Avx2, RowsRef::BF16(w)) => return by_used!(used, bf16_avx2, w[range].as_ptr(), k, xs),
                 (Isa::Portable, _) => {}
             }
         }
@@ -81,6 +104,22 @@ pub fn row_dot4(rows: RowsRef<'_>, row: usize, k: usize, xs: [&[f32]; 4], used: 
 #[inline]
 pub fn rows4_dot4(rows: RowsRef<'_>, row: usize, k: usize, xs: [&[f32]; 4], used: usize, isa: Isa) -> [[f32; 4]; 4] {
     #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && used == 1 {
+        assert!(xs[0].len() >= k, "activation row too short");
+        // SAFETY: AVX-512F was detected; rows and the activation are at least `k` long.
+        return std::array::from_fn(|r| {
+            let range = (row + r) * k..(row + r + 1) * k;
+            let v = unsafe {
+                match rows {
+                    RowsRef::F32(w) => x86::f32_avx512_single(w[range].as_ptr(), k, xs[0]),
+                    RowsRef::F16(w) => x86::f16_avx512_single(w[range].as_ptr(), k, xs[0]),
+                    RowsRef::BF16(w) => x86::bf16_avx512_single(w[range].as_ptr(), k, xs[0]),
+                }
+            };
+            [v, 0.0, 0.0, 0.0]
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
         for x in &xs[..used] {
             assert!(x.len() >= k, "activation row too short");
@@ -91,9 +130,9 @@ pub fn rows4_dot4(rows: RowsRef<'_>, row: usize, k: usize, xs: [&[f32]; 4], used
         // SAFETY: AVX-512F was detected; rows and activations are at least `k` long.
         unsafe {
             return match rows {
-                RowsRef::F32(w) => x86::f32_avx512_4(ptrs(w, row, k), k, xs, used),
-                RowsRef::F16(w) => x86::f16_avx512_4(ptrs(w, row, k), k, xs, used),
-                RowsRef::BF16(w) => x86::bf16_avx512_4(ptrs(w, row, k), k, xs, used),
+                RowsRef::F32(w) => by_used!(used, f32_avx512_4, ptrs(w, row, k), k, xs),
+                RowsRef::F16(w) => by_used!(used, f16_avx512_4, ptrs(w, row, k), k, xs),
+                RowsRef::BF16(w) => by_used!(used, bf16_avx512_4, ptrs(w, row, k), k, xs),
             };
         }
     }
@@ -108,7 +147,8 @@ mod x86 {
     macro_rules! kernel512 {
         ($name:ident, $elem:ty, $load:expr) => {
             #[target_feature(enable = "avx512f")]
-            pub unsafe fn $name(w: *const $elem, k: usize, xs: [&[f32]; 4], used: usize) -> [f32; 4] {
+            pub unsafe fn $name<const U: usize>(w: *const $elem, k: usize, xs: [&[f32]; 4]) -> [f32; 4] {
+                let used = U;
                 let load = $load;
                 let mut acc = [_mm512_setzero_ps(); 4];
                 let mut i = 0;
@@ -137,7 +177,8 @@ mod x86 {
     macro_rules! kernel512_4rows {
         ($name:ident, $elem:ty, $load:expr) => {
             #[target_feature(enable = "avx512f")]
-            pub unsafe fn $name(w: [*const $elem; 4], k: usize, xs: [&[f32]; 4], used: usize) -> [[f32; 4]; 4] {
+            pub unsafe fn $name<const U: usize>(w: [*const $elem; 4], k: usize, xs: [&[f32]; 4]) -> [[f32; 4]; 4] {
+                let used = U;
                 let load = $load;
                 let mut acc = [[_mm512_setzero_ps(); 4]; 4];
                 let mut i = 0;
@@ -168,10 +209,39 @@ mod x86 {
         };
     }
 
+    macro_rules! kernel512_single {
+        ($name:ident, $elem:ty, $load:expr) => {
+            /// One weight row against one activation row, four accumulator chains.
+            #[target_feature(enable = "avx512f")]
+            pub unsafe fn $name(w: *const $elem, k: usize, x: &[f32]) -> f32 {
+                let load = $load;
+                let mut acc = [_mm512_setzero_ps(); 4];
+                let mut i = 0;
+                while i + 64 <= k {
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(load(w.add(i + 16 * c)), _mm512_loadu_ps(x.as_ptr().add(i + 16 * c)), *a);
+                    }
+                    i += 64;
+                }
+                while i + 16 <= k {
+                    acc[0] = _mm512_fmadd_ps(load(w.add(i)), _mm512_loadu_ps(x.as_ptr().add(i)), acc[0]);
+                    i += 16;
+                }
+                let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+                let mut s = _mm512_reduce_add_ps(sum);
+                for j in i..k {
+                    s += widen(*w.add(j)) * x[j];
+                }
+                s
+            }
+        };
+    }
+
     macro_rules! kernel256 {
         ($name:ident, $elem:ty, $load:expr) => {
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn $name(w: *const $elem, k: usize, xs: [&[f32]; 4], used: usize) -> [f32; 4] {
+            pub unsafe fn $name<const U: usize>(w: *const $elem, k: usize, xs: [&[f32]; 4]) -> [f32; 4] {
+                let used = U;
                 let load = $load;
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
@@ -232,6 +302,11 @@ mod x86 {
     kernel512_4rows!(bf16_avx512_4, bf16, |p: *const bf16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))
     )));
+    kernel512_single!(f32_avx512_single, f32, |p: *const f32| _mm512_loadu_ps(p));
+    kernel512_single!(f16_avx512_single, f16, |p: *const f16| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)));
+    kernel512_single!(bf16_avx512_single, bf16, |p: *const bf16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))
+    )));
     kernel256!(f32_avx2, f32, |p: *const f32| _mm256_loadu_ps(p));
     kernel256!(f16_avx2, f16, |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)));
     kernel256!(bf16_avx2, bf16, |p: *const bf16| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
@@ -243,14 +318,6 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn available() -> Vec<Isa> {
-        match isa() {
-            Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
-            Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
-            Isa::Portable => vec![Isa::Portable],
-        }
-    }
-
     #[test]
     fn every_kernel_matches_a_scalar_reference() {
         let k = 37;
@@ -259,7 +326,7 @@ mod tests {
             (0..4).map(|t| (0..k).map(|i| ((i + t * 13) % 17) as f32 / 8.0 - 1.0).collect()).collect();
         let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        for isa in available() {
+        for isa in available_isas() {
             for (rows, values) in [
                 (RowsRef::F32(&w), w.clone()),
                 (RowsRef::F16(&wh), wh.iter().map(|v| v.to_f32()).collect::<Vec<_>>()),

@@ -1,7 +1,9 @@
 //! The paged KV cache: a device pool and a host (swap) pool of fixed-size blocks per layer.
 //!
-//! Layout of one layer's K (and V) pool: `[num_blocks, num_kv_heads, block_size, head_dim]`,
-//! so the keys of one head within a block are contiguous. Block `b`'s slot `s` holds the token
+//! Layout of one layer's pools: K is `[num_blocks, num_kv_heads, head_dim, block_size]` (each
+//! block transposed, so that the scores of a block's slots are one vector per head dimension,
+//! with no horizontal sums), V is `[num_blocks, num_kv_heads, block_size, head_dim]` (a slot's
+//! value vector is contiguous). Block `b`'s slot `s` holds the token
 //! at position `p` of a sequence whose block table maps `p / block_size` to `b`, with
 //! `s = p % block_size`.
 
@@ -32,10 +34,11 @@ impl BlockShape {
         self.block_size * self.num_kv_heads * self.head_dim
     }
 
-    /// Offset of (block, head, slot) within a layer's pool.
+    /// Offset of (block, head) within a layer's K or V pool: where that head's
+    /// `block_size × head_dim` values of the block start.
     #[inline]
-    pub fn offset(&self, block: usize, head: usize, slot: usize) -> usize {
-        ((block * self.num_kv_heads + head) * self.block_size + slot) * self.head_dim
+    pub fn offset(&self, block: usize, head: usize) -> usize {
+        (block * self.num_kv_heads + head) * self.block_size * self.head_dim
     }
 }
 
@@ -100,8 +103,12 @@ impl KvCache {
         let s = self.shape;
         let (block, off) = (slot / s.block_size, slot % s.block_size);
         for h in 0..s.num_kv_heads {
-            let at = s.offset(block, h, off);
-            self.device.k[layer][at..at + s.head_dim].copy_from_slice(&k[h * s.head_dim..][..s.head_dim]);
+            let base = s.offset(block, h);
+            let keys = &mut self.device.k[layer][base..base + s.block_size * s.head_dim];
+            for (d, &value) in k[h * s.head_dim..][..s.head_dim].iter().enumerate() {
+                keys[d * s.block_size + off] = value;
+            }
+            let at = base + off * s.head_dim;
             self.device.v[layer][at..at + s.head_dim].copy_from_slice(&v[h * s.head_dim..][..s.head_dim]);
         }
     }

@@ -1,5 +1,6 @@
 //! Element-wise and per-row operations of the Llama block: RMSNorm, RoPE, SiLU·mul.
 
+use super::simd::exp_approx;
 use crate::config::{ModelConfig, RopeScaling};
 
 /// `out = x / sqrt(mean(x²) + eps) · w`, row by row.
@@ -16,8 +17,24 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// `gate[i] = silu(gate[i]) · up[i]`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::gemv::isa() == super::gemv::Isa::Avx512 {
+        // SAFETY: the processor has AVX-512F.
+        return unsafe { silu_mul_avx512(gate, up) };
+    }
+    silu_mul_portable(gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
+    silu_mul_portable(gate, up)
+}
+
+#[inline(always)]
+fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
-        *g = (*g / (1.0 + (-*g).exp())) * u;
+        *g = (*g / (1.0 + exp_approx(-*g))) * u;
     }
 }
 

@@ -65,6 +65,24 @@ pub fn dot4_portable_widened<W>(w: &[W], widen: impl Fn(&W) -> f32, xs: [&[f32];
     out
 }
 
+/// `e^x` to within about 2 ulp for `x` in [-87, 88] (clamped outside), in plain arithmetic
+/// that vectorizes: `x = n·ln2 + r`, a degree-7 polynomial for `e^r`, `2^n` by exponent bits.
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to nearest
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 /// `y[i] += a · x[i]`.
 #[inline(always)]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
@@ -76,6 +94,19 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_approx_is_accurate() {
+        let mut worst = 0.0f64;
+        for i in -8700..8800 {
+            let x = i as f32 / 100.0;
+            let want = (x as f64).exp();
+            worst = worst.max(((exp_approx(x) as f64 - want) / want).abs());
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp_approx(0.0), 1.0);
+        assert!(exp_approx(-1000.0) < 1e-37);
+    }
 
     #[test]
     fn dots_match_naive_sums_for_odd_lengths() {
