@@ -121,5 +121,6 @@ fn logprobs_of_the_first_decode_positions_match_the_reference_logits() {
             assert!((chosen - top[0].1).abs() < 1e-9, "greedy token is the top one");
         }
     }
+    eprintln!("largest logprob difference from the reference: {worst:e}");
     assert!(worst < 1e-4, "largest logprob difference {worst}");
 }

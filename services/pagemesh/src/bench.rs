@@ -44,7 +44,7 @@ struct Split {
 }
 
 fn prompt(len: usize, salt: usize, vocab: usize) -> Vec<u32> {
-    (0..len).map(|i| (3 + (i * 7919 + salt * 104_729) % (vocab - 3)) as u32).collect()
+    (0..len).map(|i| (3 + (i * 7919 + salt * 104_729 + salt * salt) % (vocab - 3)) as u32).collect()
 }
 
 fn run_batch(
@@ -53,10 +53,13 @@ fn run_batch(
     batch: usize,
     max_tokens: usize,
 ) -> Result<Split, String> {
+    // Prompts never repeat across runs, so that no prefix-cache hit shortens a prefill.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let vocab = engine.executor().model().config.vocab_size;
     for b in 0..batch {
         let params = SamplingParams { max_tokens, ignore_eos: true, ..SamplingParams::greedy(max_tokens) };
-        engine.add_request(prompt(args.prompt_len, b + batch * 1000, vocab), params).map_err(|e| e.to_string())?;
+        engine.add_request(prompt(args.prompt_len, b + run * 1000, vocab), params).map_err(|e| e.to_string())?;
     }
     let mut split = Split::default();
     while engine.has_unfinished_requests() {
