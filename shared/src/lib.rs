@@ -5,11 +5,15 @@
 //!   read, write, swap and copy) and the executor → scheduler step result.
 //! * [`config`]: engine configuration (cache geometry, batching limits, preemption mode).
 //! * [`output`]: what a request produces (tokens, logprobs, finish reasons).
+//! * [`protocol`]: the messages that cross NATS, public (JSON) and internal (versioned).
+//! * [`subjects`]: the NATS subject names.
 
 pub mod config;
 pub mod output;
+pub mod protocol;
 pub mod sampling;
 pub mod step;
+pub mod subjects;
 
 pub use config::{EngineConfig, PreemptionMode};
 pub use output::{FinishReason, SampledToken};

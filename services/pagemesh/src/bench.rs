@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use pagemesh_shared::SamplingParams;
 use serde_json::json;
 
-use crate::engine_args::EngineArgs;
+use pagemesh_mesh::engine_args::EngineArgs;
 
 /// Benchmarks.
 #[derive(Subcommand, Debug)]

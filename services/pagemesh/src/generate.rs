@@ -15,7 +15,7 @@ use pagemesh_shared::SamplingParams;
 use pagemesh_tokenizer::TextTokenizer;
 use serde_json::{json, Value};
 
-use crate::engine_args::EngineArgs;
+use pagemesh_mesh::engine_args::EngineArgs;
 
 /// Flags of `pagemesh generate`.
 #[derive(Args, Debug)]

@@ -1,11 +1,11 @@
 //! `pagemesh`: offline generation, synthetic models and benchmarks.
 
 mod bench;
-mod engine_args;
 mod generate;
 mod synth;
 
 use clap::{Parser, Subcommand};
+use pagemesh_mesh::launch;
 
 /// An LLM inference server built like vLLM inside: paged KV cache, continuous batching,
 /// FCFS scheduling with swap/recompute preemption.
@@ -25,6 +25,19 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Serve a model: gateway, tokenizer, scheduler, executor(s) and detokenizer in one process,
+    /// talking over NATS (a loopback nats-server is started when none is reachable).
+    Serve(launch::ServeArgs),
+    /// The OpenAI-compatible HTTP gateway.
+    Gateway(launch::GatewayArgs),
+    /// The tokenizer service (validation, chat templates, tokenization; a NATS queue group).
+    Tokenizer(launch::TokenizerArgs),
+    /// The scheduler service (one per model: block tables, queues, batching, failover).
+    Scheduler(launch::SchedulerArgs),
+    /// An executor (the model; runs the steps it is sent).
+    Executor(launch::ExecutorArgs),
+    /// A detokenizer (incremental text, stop strings, chunks to the client).
+    Detokenizer(launch::DetokenizerArgs),
 }
 
 fn main() {
@@ -33,6 +46,12 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::SynthModel(args) => synth::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Serve(args) => launch::serve(args),
+        Command::Gateway(args) => launch::gateway(args),
+        Command::Tokenizer(args) => launch::tokenizer(args),
+        Command::Scheduler(args) => launch::scheduler(args),
+        Command::Executor(args) => launch::executor(args),
+        Command::Detokenizer(args) => launch::detokenizer(args),
     };
     if let Err(message) = result {
         eprintln!("error: {message}");

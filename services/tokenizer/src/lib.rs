@@ -4,10 +4,16 @@
 //!   and decodes ids.
 //! * [`IncrementalDecoder`] turns a growing list of generated ids into text deltas that never
 //!   end in half a UTF-8 character, as a streaming detokenizer needs.
+//! * [`ChatTemplate`] renders a conversation with the model's Jinja chat template as Hugging Face
+//!   `transformers` does; [`TextTokenizer::encode_chat`] tokenizes the result.
 
 use std::path::Path;
 
 use thiserror::Error;
+
+mod chat;
+
+pub use chat::{ChatMessage, ChatTemplate, RenderOptions, SpecialTokens, TemplateValue};
 
 /// Tokenizer failures.
 #[derive(Debug, Error)]
@@ -23,6 +29,10 @@ pub enum TokenizerError {
     /// Encoding or decoding failed.
     #[error("tokenizer: {0}")]
     Codec(String),
+    /// A chat template failed to compile or to render, or raised an error itself
+    /// (`raise_exception`), or its inputs were unusable.
+    #[error("chat template: {0}")]
+    Template(String),
 }
 
 /// A loaded tokenizer.
@@ -37,9 +47,16 @@ impl TextTokenizer {
     }
 
     /// Loads a `tokenizer.json` file.
+    ///
+    /// Truncation and padding saved in the file are switched off: a prompt is never cut to a
+    /// length a training run once left in the file (TinyLlama's saved `tokenizer.json` truncates
+    /// at 512 tokens), and encodings are never padded.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| TokenizerError::Load { path: path.display().to_string(), message: e.to_string() })?;
+        let load_error =
+            |e: tokenizers::Error| TokenizerError::Load { path: path.display().to_string(), message: e.to_string() };
+        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(load_error)?;
+        inner.with_truncation(None).map_err(load_error)?;
+        inner.with_padding(None);
         Ok(Self { inner })
     }
 
@@ -52,6 +69,16 @@ impl TextTokenizer {
     pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| TokenizerError::Codec(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of a rendered chat prompt ([`ChatTemplate::render`]).
+    ///
+    /// No special tokens are added: the template already wrote the ones the model expects (BOS
+    /// included, when it wants one), and adding them again would duplicate them. This is what
+    /// `transformers` does for chat templates (`add_special_tokens=False`). Special tokens in the
+    /// text itself (such as `<|im_start|>`) are recognized as such.
+    pub fn encode_chat(&self, rendered: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_with(rendered, false)
     }
 
     /// Text of `ids`, without special tokens.
@@ -89,28 +116,52 @@ impl TextTokenizer {
 /// [`flush`](Self::flush) is called).
 pub struct IncrementalDecoder<'a> {
     tokenizer: &'a TextTokenizer,
-    ids: Vec<u32>,
-    prefix_offset: usize,
-    read_offset: usize,
+    state: DecodeState,
+}
+
+impl<'a> IncrementalDecoder<'a> {
+    /// A decoder whose context ends with the prompt's ids.
+    pub fn new(tokenizer: &'a TextTokenizer, prompt: &[u32]) -> Self {
+        Self { tokenizer, state: DecodeState::new(prompt) }
+    }
+
+    /// Adds one id and returns the text it completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+        self.state.push(self.tokenizer, id)
+    }
+
+    /// Returns whatever is held back (an incomplete character decodes as U+FFFD).
+    pub fn flush(&mut self) -> Result<String, TokenizerError> {
+        self.state.flush(self.tokenizer)
+    }
 }
 
 /// Prompt tokens kept as decoding context: enough for the decoder's rules between pieces.
 const PROMPT_CONTEXT: usize = 6;
 
-impl<'a> IncrementalDecoder<'a> {
-    /// A decoder whose context ends with the prompt's ids.
-    pub fn new(tokenizer: &'a TextTokenizer, prompt: &[u32]) -> Self {
+/// The state of an incremental decode, owned (no borrow of the tokenizer), for services that
+/// keep one per stream; [`IncrementalDecoder`] wraps it with a tokenizer.
+#[derive(Debug, Clone)]
+pub struct DecodeState {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl DecodeState {
+    /// A state whose context ends with the prompt's ids.
+    pub fn new(prompt: &[u32]) -> Self {
         let start = prompt.len().saturating_sub(PROMPT_CONTEXT);
         let ids = prompt[start..].to_vec();
         let read_offset = ids.len();
-        Self { tokenizer, ids, prefix_offset: 0, read_offset }
+        Self { ids, prefix_offset: 0, read_offset }
     }
 
     /// Adds one id and returns the text it completes (possibly empty).
-    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
-        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
             let delta = full.get(prefix.len()..).unwrap_or("").to_string();
             self.prefix_offset = self.read_offset;
@@ -122,12 +173,12 @@ impl<'a> IncrementalDecoder<'a> {
     }
 
     /// Returns whatever is held back (an incomplete character decodes as U+FFFD).
-    pub fn flush(&mut self) -> Result<String, TokenizerError> {
+    pub fn flush(&mut self, tokenizer: &TextTokenizer) -> Result<String, TokenizerError> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(full.get(prefix.len()..).unwrap_or("").to_string())

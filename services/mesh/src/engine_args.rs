@@ -1,10 +1,12 @@
-//! Engine flags shared by the commands that run a model.
+//! Engine flags shared by the commands that run a model (`generate`, `bench`, `executor`,
+//! `scheduler`, `serve`).
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 use pagemesh_engine::Engine;
-use pagemesh_executor::{CacheConfig, Executor, WeightDtype};
+use pagemesh_executor::cpu::model::LlamaModel;
+use pagemesh_executor::{CacheConfig, Executor, ModelConfig, WeightDtype};
 use pagemesh_shared::{EngineConfig, PreemptionMode};
 
 /// How to load the model and size the engine.
@@ -53,33 +55,41 @@ pub struct EngineArgs {
 const DEFAULT_KV_BYTES: usize = 2 << 30;
 
 impl EngineArgs {
-    /// Sets the compute threads, loads the model and builds the engine.
-    pub fn build(&self) -> Result<Engine, String> {
+    /// Sets the number of compute threads (once per process).
+    pub fn set_threads(&self) -> Result<(), String> {
         if let Some(threads) = self.threads {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build_global()
                 .map_err(|e| format!("cannot set {threads} threads: {e}"))?;
         }
+        Ok(())
+    }
+
+    /// The longest sequence for a model: `--max-model-len`, checked against the model's.
+    pub fn max_model_len(&self, config: &ModelConfig) -> Result<usize, String> {
+        match self.max_model_len {
+            Some(len) if len > config.max_model_len() => {
+                Err(format!("--max-model-len {len} exceeds the model's {}", config.max_model_len()))
+            }
+            Some(0) => Err("--max-model-len must be positive".into()),
+            Some(len) => Ok(len),
+            None => Ok(config.max_model_len()),
+        }
+    }
+
+    /// The engine configuration (pool sizes from the flags or the defaults).
+    pub fn engine_config(&self, config: &ModelConfig) -> Result<EngineConfig, String> {
         if self.block_size == 0 {
             return Err("--block-size must be positive".into());
         }
-        let model =
-            pagemesh_executor::cpu::model::LlamaModel::load(&self.model, self.dtype).map_err(|e| e.to_string())?;
-        let c = &model.config;
-        let max_model_len = match self.max_model_len {
-            Some(len) if len > c.max_model_len() => {
-                return Err(format!("--max-model-len {len} exceeds the model's {}", c.max_model_len()))
-            }
-            Some(len) => len,
-            None => c.max_model_len(),
-        };
-        let kv_bytes_per_block = 2 * c.num_layers * c.kv_width() * 4 * self.block_size;
+        let max_model_len = self.max_model_len(config)?;
+        let kv_bytes_per_block = 2 * config.num_layers * config.kv_width() * 4 * self.block_size;
         let needed = self.max_num_seqs * max_model_len.div_ceil(self.block_size);
         let num_device_blocks =
             self.num_device_blocks.unwrap_or_else(|| (DEFAULT_KV_BYTES / kv_bytes_per_block).clamp(1, needed.max(1)));
         let num_host_blocks = self.num_host_blocks.unwrap_or(num_device_blocks);
-        let config = EngineConfig {
+        Ok(EngineConfig {
             block_size: self.block_size,
             num_device_blocks,
             num_host_blocks,
@@ -90,10 +100,27 @@ impl EngineArgs {
             max_waiting_requests: self.max_waiting_requests,
             max_waiting_tokens: usize::MAX,
             max_model_len,
+        })
+    }
+
+    /// Loads the model and sizes its executor.
+    pub fn load_executor(&self) -> Result<(Executor, EngineConfig), String> {
+        let model = LlamaModel::load(&self.model, self.dtype).map_err(|e| e.to_string())?;
+        let config = self.engine_config(&model.config)?;
+        let cache = CacheConfig {
+            block_size: config.block_size,
+            num_device_blocks: config.num_device_blocks,
+            num_host_blocks: config.num_host_blocks,
         };
-        let eos = eos_token_ids(&self.model, &model.config.eos_token_ids)?;
-        let cache = CacheConfig { block_size: self.block_size, num_device_blocks, num_host_blocks };
-        Ok(Engine::new(Executor::new(model, cache), config, eos))
+        Ok((Executor::new(model, cache), config))
+    }
+
+    /// Sets the threads, loads the model and builds an in-process engine.
+    pub fn build(&self) -> Result<Engine, String> {
+        self.set_threads()?;
+        let (executor, config) = self.load_executor()?;
+        let eos = eos_token_ids(&self.model, &executor.model().config.eos_token_ids)?;
+        Ok(Engine::new(executor, config, eos))
     }
 }
 

@@ -1,0 +1,173 @@
+//! The NATS connection every service shares: connection options from the command line,
+//! the subjects, and JSON publish/request helpers.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pagemesh_shared::subjects::Subjects;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// How to reach NATS.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// Server URL, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// User (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Token.
+    pub token: Option<String>,
+    /// A `.creds` file.
+    pub creds: Option<PathBuf>,
+    /// Subject prefix.
+    pub prefix: String,
+}
+
+/// Bus failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Could not connect.
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect {
+        /// Where.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// Publishing, subscribing or a request failed.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// A message could not be encoded or decoded.
+    #[error("bad message on {subject}: {message}")]
+    Codec {
+        /// Where.
+        subject: String,
+        /// Why.
+        message: String,
+    },
+    /// A request got no answer in time.
+    #[error("no answer on {0} in time")]
+    Timeout(String),
+    /// Nobody listens on a request's subject.
+    #[error("no responders on {0}")]
+    NoResponders(String),
+}
+
+/// A connected client with the deployment's subjects.
+#[derive(Clone)]
+pub struct Bus {
+    /// The client.
+    pub client: async_nats::Client,
+    /// The subjects.
+    pub subjects: Subjects,
+    /// Reconnections seen since start.
+    pub reconnects: Arc<AtomicU64>,
+}
+
+impl Bus {
+    /// Connects (retrying for up to `wait`), with the options' credentials.
+    pub async fn connect(options: &NatsOptions, name: &str, wait: Duration) -> Result<Self, BusError> {
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let counter = reconnects.clone();
+            let mut connect = match (&options.creds, &options.token, &options.user) {
+                (Some(path), _, _) => async_nats::ConnectOptions::with_credentials_file(path.clone())
+                    .await
+                    .map_err(|e| BusError::Connect { url: options.url.clone(), message: e.to_string() })?,
+                (None, Some(token), _) => async_nats::ConnectOptions::with_token(token.clone()),
+                (None, None, Some(user)) => async_nats::ConnectOptions::with_user_and_password(
+                    user.clone(),
+                    options.password.clone().unwrap_or_default(),
+                ),
+                (None, None, None) => async_nats::ConnectOptions::new(),
+            };
+            connect = connect
+                .name(name)
+                .request_timeout(Some(Duration::from_secs(30)))
+                .retry_on_initial_connect()
+                .max_reconnects(None)
+                .event_callback(move |event| {
+                    let counter = counter.clone();
+                    async move {
+                        if matches!(event, async_nats::Event::Connected) {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            let attempt = tokio::time::timeout(Duration::from_secs(2), connect.connect(options.url.as_str())).await;
+            match attempt {
+                Ok(Ok(client)) => {
+                    // Wait for the first connection to be established.
+                    let flushed = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+                    if let Ok(Ok(())) = flushed {
+                        reconnects.store(0, Ordering::Relaxed);
+                        return Ok(Self { client, subjects: Subjects::new(&options.prefix), reconnects });
+                    }
+                }
+                Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
+                    return Err(BusError::Connect { url: options.url.clone(), message: e.to_string() })
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BusError::Connect { url: options.url.clone(), message: "timed out".into() });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Publishes a value as JSON.
+    pub async fn publish_json<T: Serialize>(&self, subject: String, value: &T) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(value)
+            .map_err(|e| BusError::Codec { subject: subject.clone(), message: e.to_string() })?;
+        self.client.publish(subject, payload.into()).await.map_err(|e| BusError::Nats(e.to_string()))
+    }
+
+    /// Publishes a value as JSON with a reply subject.
+    pub async fn publish_json_with_reply<T: Serialize>(
+        &self,
+        subject: String,
+        reply: String,
+        value: &T,
+    ) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(value)
+            .map_err(|e| BusError::Codec { subject: subject.clone(), message: e.to_string() })?;
+        self.client.publish_with_reply(subject, reply, payload.into()).await.map_err(|e| BusError::Nats(e.to_string()))
+    }
+
+    /// Sends a JSON request and decodes the JSON answer, waiting at most `timeout`.
+    pub async fn request_json<T: Serialize, R: DeserializeOwned>(
+        &self,
+        subject: String,
+        value: &T,
+        timeout: Duration,
+    ) -> Result<R, BusError> {
+        let payload = serde_json::to_vec(value)
+            .map_err(|e| BusError::Codec { subject: subject.clone(), message: e.to_string() })?;
+        let answer = tokio::time::timeout(timeout, self.client.request(subject.clone(), payload.into()))
+            .await
+            .map_err(|_| BusError::Timeout(subject.clone()))?
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => BusError::NoResponders(subject.clone()),
+                async_nats::RequestErrorKind::TimedOut => BusError::Timeout(subject.clone()),
+                _ => BusError::Nats(e.to_string()),
+            })?;
+        decode(&subject, &answer.payload)
+    }
+}
+
+/// Decodes a JSON payload.
+pub fn decode<R: DeserializeOwned>(subject: &str, payload: &[u8]) -> Result<R, BusError> {
+    serde_json::from_slice(payload)
+        .map_err(|e| BusError::Codec { subject: subject.to_string(), message: e.to_string() })
+}
+
+/// A fresh random id (hex), for instances and requests.
+pub fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

@@ -1,0 +1,39 @@
+//! Chat prompts: the model's chat template (if it has one) rendered and tokenized.
+
+use std::path::Path;
+
+use pagemesh_shared::protocol::Message;
+use pagemesh_tokenizer::{ChatMessage, ChatTemplate, TextTokenizer};
+
+/// Renders chat messages with the model's template.
+pub struct PromptRenderer {
+    template: Option<ChatTemplate>,
+}
+
+impl PromptRenderer {
+    /// Loads the template from a model directory's `tokenizer_config.json` (none is fine).
+    pub fn load(model_dir: &Path) -> Result<Self, String> {
+        Ok(Self { template: ChatTemplate::load(model_dir).map_err(|e| e.to_string())? })
+    }
+
+    /// The rendered prompt text.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            "this model has no chat template: use `prompt` (completions) instead of `messages`".to_string()
+        })?;
+        let messages: Vec<ChatMessage> =
+            messages.iter().map(|m| ChatMessage { role: m.role.clone(), content: m.content.clone() }).collect();
+        template.render(&messages, add_generation_prompt).map_err(|e| e.to_string())
+    }
+
+    /// The rendered prompt's token ids (special tokens come from the template itself).
+    pub fn tokenize(
+        &self,
+        tokenizer: &TextTokenizer,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, String> {
+        let text = self.render(messages, add_generation_prompt)?;
+        tokenizer.encode_chat(&text).map_err(|e| e.to_string())
+    }
+}

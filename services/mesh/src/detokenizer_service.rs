@@ -1,0 +1,353 @@
+//! The detokenizer service: turns each request's sampled ids into text deltas (never half a
+//! UTF-8 character), finds stop strings (cuts the text before them and tells the scheduler to
+//! abort), and publishes the ordered chunks on the request's reply inbox.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::StreamExt;
+use pagemesh_shared::protocol::{
+    AbortRequest, Chunk, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, TokenEvent, Usage,
+};
+use pagemesh_shared::{FinishReason, SampledToken};
+use pagemesh_tokenizer::{DecodeState, TextTokenizer};
+
+use crate::bus::{decode, Bus};
+
+/// How often a detokenizer announces itself.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One sample's text stream.
+struct SampleStream {
+    decode: DecodeState,
+    /// Decoded text not yet published (it may be the start of a stop string).
+    pending: String,
+    /// Ids (and logprobs) consumed since the last chunk.
+    new_ids: Vec<u32>,
+    new_logprobs: Vec<SampledToken>,
+    /// Set once the sample has ended.
+    finished: Option<FinishReason>,
+    /// Whether its last chunk is out.
+    closed: bool,
+    tokens: usize,
+    /// Everything, for non-streamed requests.
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<SampledToken>,
+}
+
+/// One request's stream.
+struct RequestStream {
+    open: OpenRequest,
+    next_index: u64,
+    samples: Vec<SampleStream>,
+    max_stop_chars: usize,
+}
+
+/// What a batch of events produced for one request.
+struct Output {
+    reply_to: String,
+    chunks: Vec<Chunk>,
+    abort: bool,
+}
+
+impl RequestStream {
+    fn new(open: OpenRequest) -> Self {
+        let samples = (0..open.n.max(1))
+            .map(|_| SampleStream {
+                decode: DecodeState::new(&open.prompt_token_ids),
+                pending: String::new(),
+                new_ids: Vec::new(),
+                new_logprobs: Vec::new(),
+                finished: None,
+                closed: false,
+                tokens: 0,
+                text: String::new(),
+                ids: Vec::new(),
+                logprobs: Vec::new(),
+            })
+            .collect();
+        let max_stop_chars = open.stop.iter().map(|s| s.chars().count()).max().unwrap_or(0);
+        Self { open, next_index: 0, samples, max_stop_chars }
+    }
+
+    fn done(&self) -> bool {
+        self.samples.iter().all(|s| s.finished.is_some())
+    }
+
+    /// Applies one token event; returns whether a stop string ended the sample.
+    fn apply(&mut self, tokenizer: &TextTokenizer, event: TokenEvent) -> bool {
+        let stops = &self.open.stop;
+        let Some(sample) = self.samples.get_mut(event.sample_index as usize) else { return false };
+        if sample.finished.is_some() {
+            return false;
+        }
+        if let Some(token) = event.token {
+            sample.tokens += 1;
+            sample.new_ids.push(token.token);
+            if self.open.logprobs {
+                sample.new_logprobs.push(token.clone());
+            }
+            if let Ok(delta) = sample.decode.push(tokenizer, token.token) {
+                sample.pending.push_str(&delta);
+            }
+        }
+        if event.finish.is_some() {
+            if let Ok(rest) = sample.decode.flush(tokenizer) {
+                sample.pending.push_str(&rest);
+            }
+        }
+        if let Some(at) = stops.iter().filter_map(|s| sample.pending.find(s.as_str())).min() {
+            sample.pending.truncate(at);
+            sample.finished = Some(FinishReason::Stop);
+            return true;
+        }
+        if event.finish.is_some() {
+            sample.finished = event.finish;
+        }
+        false
+    }
+
+    /// The chunks for every sample with something new, the request's last one marked done.
+    fn chunks(&mut self, force_final: bool) -> Vec<Chunk> {
+        let mut chunks = Vec::new();
+        let all_done = self.done();
+        if !self.open.stream && !all_done {
+            // Not streamed: collect, publish at the end.
+            for s in &mut self.samples {
+                let release = releasable(&s.pending, s.finished.is_some(), self.max_stop_chars);
+                let text: String = s.pending.drain(..release).collect();
+                s.text.push_str(&text);
+                s.ids.append(&mut s.new_ids);
+                s.logprobs.append(&mut s.new_logprobs);
+            }
+            return chunks;
+        }
+        let prompt_len = self.open.prompt_token_ids.len();
+        for (i, s) in self.samples.iter_mut().enumerate() {
+            if s.closed {
+                continue;
+            }
+            let release = releasable(&s.pending, s.finished.is_some(), self.max_stop_chars);
+            let mut text: String = s.pending.drain(..release).collect();
+            let mut ids = std::mem::take(&mut s.new_ids);
+            let mut logprobs = std::mem::take(&mut s.new_logprobs);
+            if !self.open.stream {
+                s.text.push_str(&text);
+                s.ids.append(&mut ids);
+                s.logprobs.append(&mut logprobs);
+                text = std::mem::take(&mut s.text);
+                ids = std::mem::take(&mut s.ids);
+                logprobs = std::mem::take(&mut s.logprobs);
+            }
+            if text.is_empty() && ids.is_empty() && s.finished.is_none() {
+                continue;
+            }
+            s.closed = s.finished.is_some();
+            chunks.push(Chunk {
+                request_id: self.open.request_id.clone(),
+                index: 0,
+                sample_index: i as u32,
+                text,
+                token_ids: ids,
+                logprobs: self.open.logprobs.then_some(logprobs),
+                finish_reason: s.finished,
+                done: false,
+                usage: None,
+                prompt_token_ids: None,
+            });
+        }
+        if (all_done || force_final) && chunks.is_empty() {
+            chunks.push(Chunk {
+                request_id: self.open.request_id.clone(),
+                index: 0,
+                sample_index: 0,
+                text: String::new(),
+                token_ids: Vec::new(),
+                logprobs: None,
+                finish_reason: None,
+                done: false,
+                usage: None,
+                prompt_token_ids: None,
+            });
+        }
+        let completion: usize = self.samples.iter().map(|s| s.tokens).sum();
+        let count = chunks.len();
+        for (k, chunk) in chunks.iter_mut().enumerate() {
+            chunk.index = self.next_index;
+            if self.next_index == 0 {
+                chunk.prompt_token_ids = Some(self.open.prompt_token_ids.clone());
+            }
+            self.next_index += 1;
+            if (all_done || force_final) && k + 1 == count {
+                chunk.done = true;
+                chunk.usage = Some(Usage {
+                    prompt_tokens: prompt_len,
+                    completion_tokens: completion,
+                    total_tokens: prompt_len + completion,
+                });
+            }
+        }
+        chunks
+    }
+}
+
+/// How many bytes of `pending` can be published: all when the sample is over, else all but
+/// the last `max_stop_chars - 1` characters (which may begin a stop string).
+fn releasable(pending: &str, finished: bool, max_stop_chars: usize) -> usize {
+    if finished || max_stop_chars <= 1 {
+        return pending.len();
+    }
+    let keep = max_stop_chars - 1;
+    let chars = pending.chars().count();
+    if chars <= keep {
+        return 0;
+    }
+    pending.char_indices().nth(chars - keep).map_or(pending.len(), |(i, _)| i)
+}
+
+/// The detokenizer service.
+pub struct DetokenizerService {
+    bus: Bus,
+    id: String,
+    tokenizer: Arc<TextTokenizer>,
+    streams: HashMap<String, RequestStream>,
+}
+
+struct Incoming(async_nats::Message);
+
+impl DetokenizerService {
+    /// A detokenizer with instance id `id`.
+    pub fn new(bus: Bus, id: String, tokenizer: Arc<TextTokenizer>) -> Self {
+        Self { bus, id, tokenizer, streams: HashMap::new() }
+    }
+
+    fn handle_event(&mut self, event: DetokenizerEvent) -> Option<Output> {
+        match event {
+            DetokenizerEvent::Open(open) => {
+                self.streams.insert(open.request_id.clone(), RequestStream::new(open));
+                None
+            }
+            DetokenizerEvent::Tokens { request_id, tokens } => {
+                let stream = self.streams.get_mut(&request_id)?;
+                let mut abort = false;
+                for event in tokens {
+                    abort |= stream.apply(&self.tokenizer, event);
+                }
+                let chunks = stream.chunks(false);
+                let done = stream.done();
+                let abort = abort && done;
+                let reply_to = stream.open.reply_to.clone();
+                if done {
+                    self.streams.remove(&request_id);
+                }
+                Some(Output { reply_to, chunks, abort })
+            }
+            DetokenizerEvent::Finish { request_id, reason, message } => {
+                let mut stream = self.streams.remove(&request_id)?;
+                if reason == FinishReason::Error && stream.next_index == 0 {
+                    let _ = message;
+                    return None;
+                }
+                for s in &mut stream.samples {
+                    if s.finished.is_none() {
+                        s.finished = Some(reason);
+                    }
+                }
+                Some(Output { reply_to: stream.open.reply_to.clone(), chunks: stream.chunks(true), abort: false })
+            }
+        }
+    }
+}
+
+impl Actor for DetokenizerService {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let client = self.bus.client.clone();
+        let subject = self.bus.subjects.detokenizer_events(&self.id);
+        ctx.wait(async move { client.subscribe(subject).await }.into_actor(self).map(|result, _, ctx| match result {
+            Ok(sub) => {
+                ctx.add_stream(sub.map(Incoming));
+            }
+            Err(e) => {
+                eprintln!("detokenizer: cannot subscribe: {e}");
+                System::current().stop_with_code(1);
+            }
+        }));
+        ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
+        self.announce(ctx);
+    }
+}
+
+impl DetokenizerService {
+    fn announce(&self, ctx: &mut Context<Self>) {
+        let bus = self.bus.clone();
+        let beat = Heartbeat { id: self.id.clone() };
+        ctx.spawn(
+            async move {
+                let _ = bus.publish_json(bus.subjects.detokenizer_heartbeat(), &beat).await;
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl StreamHandler<Incoming> for DetokenizerService {
+    fn handle(&mut self, Incoming(msg): Incoming, ctx: &mut Self::Context) {
+        let event = match decode::<DetokenizerEvent>(msg.subject.as_str(), &msg.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("detokenizer: dropped a malformed event: {e}");
+                return;
+            }
+        };
+        let error = match &event {
+            DetokenizerEvent::Finish { request_id, reason: FinishReason::Error, message } => {
+                self.streams.get(request_id).filter(|s| s.next_index == 0).map(|s| {
+                    let text = message.clone().unwrap_or_else(|| "the request failed".into());
+                    (s.open.reply_to.clone(), ErrorReply::new(Some(request_id.clone()), ErrorKind::Unavailable, text))
+                })
+            }
+            _ => None,
+        };
+        let output = self.handle_event(event);
+        let bus = self.bus.clone();
+        // Chunks of one request are published in order from this actor's context.
+        ctx.wait(
+            async move {
+                if let Some((reply_to, error)) = error {
+                    let _ = bus.publish_json(reply_to, &error).await;
+                }
+                let Some(output) = output else { return };
+                for chunk in &output.chunks {
+                    if let Err(e) = bus.publish_json(output.reply_to.clone(), chunk).await {
+                        eprintln!("detokenizer: cannot publish a chunk: {e}");
+                    }
+                }
+                if output.abort {
+                    if let Some(chunk) = output.chunks.first() {
+                        let abort = AbortRequest { request_id: chunk.request_id.clone() };
+                        let _ = bus.publish_json(bus.subjects.scheduler_abort(), &abort).await;
+                    }
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::releasable;
+
+    #[test]
+    fn holds_back_what_may_start_a_stop_string() {
+        assert_eq!(releasable("hello", false, 3), 3);
+        assert_eq!(releasable("hé", false, 3), 0);
+        assert_eq!(releasable("héllo", true, 3), "héllo".len());
+        assert_eq!(releasable("abc", false, 0), 3);
+    }
+}

@@ -1,0 +1,129 @@
+//! The executor service: loads the model, announces itself (registration doubles as the
+//! heartbeat), and runs exactly the steps the scheduler sends on its step subject.
+//!
+//! The forward pass is blocking work: it runs on a [`StepWorker`] in a `SyncArbiter` thread,
+//! so the NATS-facing actor keeps heartbeating while a step runs.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::StreamExt;
+use pagemesh_executor::Executor;
+use pagemesh_shared::protocol::{ExecutorRegistration, StepReply, StepRequest};
+
+use crate::bus::{decode, Bus};
+
+/// How often an executor announces itself.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Runs steps on the model, one at a time, off the event loop.
+pub struct StepWorker {
+    executor: Executor,
+}
+
+impl Actor for StepWorker {
+    type Context = SyncContext<Self>;
+}
+
+/// Run one step.
+#[derive(Message)]
+#[rtype(result = "StepReply")]
+pub struct RunStep(pub StepRequest);
+
+impl Handler<RunStep> for StepWorker {
+    type Result = MessageResult<RunStep>;
+
+    fn handle(&mut self, msg: RunStep, _: &mut Self::Context) -> Self::Result {
+        MessageResult(match self.executor.execute(&msg.0.plan) {
+            Ok(output) => StepReply::Done(output),
+            Err(e) => StepReply::Failed(e.to_string()),
+        })
+    }
+}
+
+/// The NATS side of an executor.
+pub struct ExecutorService {
+    bus: Bus,
+    registration: ExecutorRegistration,
+    worker: Addr<StepWorker>,
+}
+
+impl ExecutorService {
+    /// An executor service for a loaded executor; `registration` describes its pools.
+    pub fn start(bus: Bus, executor: Executor, registration: ExecutorRegistration) -> Addr<Self> {
+        let slot = std::sync::Mutex::new(Some(executor));
+        let worker = SyncArbiter::start(1, move || StepWorker {
+            executor: slot
+                .lock()
+                .ok()
+                .and_then(|mut s| s.take())
+                .expect("the step worker is started once, with the executor"),
+        });
+        Self { bus, registration, worker }.start()
+    }
+}
+
+/// A step request as received.
+struct IncomingStep(async_nats::Message);
+
+impl Actor for ExecutorService {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let subject = self.bus.subjects.executor_step(&self.registration.executor_id);
+        let client = self.bus.client.clone();
+        ctx.wait(async move { client.subscribe(subject).await }.into_actor(self).map(|result, _, ctx| match result {
+            Ok(sub) => {
+                ctx.add_stream(sub.map(IncomingStep));
+            }
+            Err(e) => {
+                eprintln!("executor: cannot subscribe to its step subject: {e}");
+                ctx.stop();
+            }
+        }));
+        ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
+        self.announce(ctx);
+    }
+}
+
+impl ExecutorService {
+    fn announce(&self, ctx: &mut Context<Self>) {
+        let bus = self.bus.clone();
+        let registration = self.registration.clone();
+        ctx.spawn(
+            async move {
+                let subject = bus.subjects.executor_heartbeat();
+                if let Err(e) = bus.publish_json(subject, &registration).await {
+                    eprintln!("executor: heartbeat failed: {e}");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl StreamHandler<IncomingStep> for ExecutorService {
+    fn handle(&mut self, IncomingStep(msg): IncomingStep, ctx: &mut Self::Context) {
+        let Some(reply) = msg.reply.clone() else { return };
+        let bus = self.bus.clone();
+        let request = decode::<StepRequest>(msg.subject.as_str(), &msg.payload);
+        let worker = self.worker.clone();
+        // The worker runs steps one at a time in arrival order; heartbeats go on meanwhile.
+        ctx.spawn(
+            async move {
+                let answer = match request {
+                    Ok(req) => worker.send(RunStep(req)).await.unwrap_or_else(|e| StepReply::Failed(e.to_string())),
+                    Err(e) => StepReply::Failed(e.to_string()),
+                };
+                if let Err(e) = bus.publish_json(reply.to_string(), &answer).await {
+                    eprintln!("executor: cannot answer a step: {e}");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

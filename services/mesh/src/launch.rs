@@ -1,0 +1,416 @@
+//! The service commands: each builds its actors in an actix system and runs until stopped.
+//! `serve` runs all five in one process (still talking over NATS), starting a loopback
+//! `nats-server` when none is reachable.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::{web, App, HttpServer};
+use clap::Args;
+use pagemesh_executor::ModelConfig;
+use pagemesh_shared::protocol::ExecutorRegistration;
+use pagemesh_tokenizer::TextTokenizer;
+
+use crate::bus::{new_id, Bus, NatsOptions};
+use crate::chat::PromptRenderer;
+use crate::detokenizer_service::DetokenizerService;
+use crate::engine_args::{eos_token_ids, EngineArgs};
+use crate::executor_service::ExecutorService;
+use crate::gateway::{configure, GatewayState};
+use crate::scheduler_service::{SchedulerConfig, SchedulerService};
+use crate::tokenizer_service::{ModelInfo, TokenizerService};
+
+/// How to reach NATS.
+#[derive(Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// NATS server URL.
+    #[arg(long, env = "PAGEMESH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "PAGEMESH_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "PAGEMESH_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "PAGEMESH_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file.
+    #[arg(long, env = "PAGEMESH_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// Prefix of every subject.
+    #[arg(long, env = "PAGEMESH_SUBJECT_PREFIX", default_value = "pagemesh")]
+    pub subject_prefix: String,
+}
+
+impl NatsArgs {
+    fn options(&self) -> NatsOptions {
+        NatsOptions {
+            url: self.nats_url.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            creds: self.nats_creds.clone(),
+            prefix: self.subject_prefix.clone(),
+        }
+    }
+}
+
+/// Flags of `pagemesh executor`.
+#[derive(Args, Debug, Clone)]
+pub struct ExecutorArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Name the model is served under (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Instance id (default: random).
+    #[arg(long)]
+    executor_id: Option<String>,
+    /// Backend: cpu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Flags of `pagemesh scheduler`.
+#[derive(Args, Debug, Clone)]
+pub struct SchedulerArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    limits: SchedulerLimits,
+    /// Name the model is served under (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+}
+
+/// Queue bounds and timeouts of the scheduler.
+#[derive(Args, Debug, Clone)]
+pub struct SchedulerLimits {
+    /// Most prompt tokens waiting per executor.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_waiting_tokens: usize,
+    /// Milliseconds without a heartbeat after which an executor or detokenizer is gone.
+    #[arg(long, default_value_t = 2000)]
+    heartbeat_timeout_ms: u64,
+    /// Seconds a step may take before its executor is considered gone.
+    #[arg(long, default_value_t = 60)]
+    step_timeout_s: u64,
+    /// Seconds a request waits for an executor when there is none.
+    #[arg(long, default_value_t = 30)]
+    unplaced_timeout_s: u64,
+}
+
+/// Flags of `pagemesh tokenizer`.
+#[derive(Args, Debug, Clone)]
+pub struct TokenizerArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Model directory (tokenizer.json, tokenizer_config.json, config.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Name the model is served under (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Longest prompt + output (default: the model's).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+}
+
+/// Flags of `pagemesh detokenizer`.
+#[derive(Args, Debug, Clone)]
+pub struct DetokenizerArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Model directory (tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Instance id (default: random).
+    #[arg(long)]
+    detokenizer_id: Option<String>,
+}
+
+/// Flags of `pagemesh gateway`.
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+/// HTTP flags.
+#[derive(Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    /// HTTP port.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Accepted API key (repeatable; none: no authentication).
+    #[arg(long = "api-key", env = "PAGEMESH_API_KEY", value_delimiter = ',')]
+    api_keys: Vec<String>,
+}
+
+/// Flags of `pagemesh serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
+    limits: SchedulerLimits,
+    /// Name the model is served under (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Executors to run in this process (0: run them with `pagemesh executor`).
+    #[arg(long, default_value_t = 1)]
+    num_executors: usize,
+    /// Never start a nats-server, even when none is reachable.
+    #[arg(long)]
+    no_start_nats: bool,
+}
+
+fn served_name(name: &Option<String>, model_dir: &Path) -> String {
+    name.clone().unwrap_or_else(|| {
+        model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".to_string())
+    })
+}
+
+async fn connect(nats: &NatsArgs, name: &str) -> Result<Bus, String> {
+    Bus::connect(&nats.options(), name, Duration::from_secs(10)).await.map_err(|e| e.to_string())
+}
+
+fn start_executor(bus: Bus, args: &EngineArgs, model: &str, id: Option<String>) -> Result<(), String> {
+    let (executor, config) = args.load_executor()?;
+    let registration = ExecutorRegistration {
+        executor_id: id.unwrap_or_else(new_id),
+        model: model.to_string(),
+        block_size: config.block_size,
+        num_device_blocks: config.num_device_blocks,
+        num_host_blocks: config.num_host_blocks,
+    };
+    eprintln!("executor {} serving {model} ({} device blocks)", registration.executor_id, config.num_device_blocks);
+    ExecutorService::start(bus, executor, registration);
+    Ok(())
+}
+
+fn scheduler_config(engine: &EngineArgs, limits: &SchedulerLimits, model: &str) -> Result<SchedulerConfig, String> {
+    let config = ModelConfig::load(&engine.model).map_err(|e| e.to_string())?;
+    let engine_config = engine.engine_config(&config)?;
+    Ok(SchedulerConfig {
+        model: model.to_string(),
+        eos_token_ids: eos_token_ids(&engine.model, &config.eos_token_ids)?,
+        max_model_len: engine_config.max_model_len,
+        max_num_seqs: engine_config.max_num_seqs,
+        max_num_batched_tokens: engine_config.max_num_batched_tokens,
+        preemption_mode: engine_config.preemption_mode,
+        enable_prefix_caching: engine_config.enable_prefix_caching,
+        max_waiting_requests: engine_config.max_waiting_requests,
+        max_waiting_tokens: limits.max_waiting_tokens,
+        heartbeat_timeout: Duration::from_millis(limits.heartbeat_timeout_ms),
+        step_timeout: Duration::from_secs(limits.step_timeout_s),
+        unplaced_timeout: Duration::from_secs(limits.unplaced_timeout_s),
+    })
+}
+
+fn tokenizer_service(
+    bus: Bus,
+    model_dir: &Path,
+    name: &str,
+    max_len: Option<usize>,
+) -> Result<TokenizerService, String> {
+    let tokenizer = Arc::new(TextTokenizer::load(model_dir).map_err(|e| e.to_string())?);
+    let renderer = PromptRenderer::load(model_dir)?;
+    let config = ModelConfig::load(model_dir).map_err(|e| e.to_string())?;
+    let max_model_len = match max_len {
+        Some(len) if len > config.max_model_len() => {
+            return Err(format!("--max-model-len {len} exceeds the model's {}", config.max_model_len()))
+        }
+        Some(len) => len,
+        None => config.max_model_len(),
+    };
+    let info = ModelInfo { name: name.to_string(), max_model_len, vocab_size: config.vocab_size };
+    Ok(TokenizerService::new(bus, tokenizer, renderer, info))
+}
+
+async fn run_gateway(bus: Bus, http: &HttpArgs) -> Result<(), String> {
+    let state = web::Data::new(GatewayState { bus, api_keys: http.api_keys.clone() });
+    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(configure))
+        .bind((http.host.as_str(), http.port))
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", http.host, http.port))?;
+    eprintln!("gateway listening on http://{}:{}", http.host, http.port);
+    server.run().await.map_err(|e| e.to_string())
+}
+
+async fn wait_forever() -> Result<(), String> {
+    futures::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// Runs a service in an actix system until it ends or the process is told to stop; exits the
+/// process from inside the system, so that nothing is torn down outside its runtime.
+fn in_system(future: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+    actix_rt::System::new().block_on(async move {
+        let result = tokio::select! {
+            r = future => r,
+            _ = shutdown_signal() => Ok(()),
+        };
+        match result {
+            Ok(()) => std::process::exit(0),
+            Err(e) => Err(e),
+        }
+    })
+}
+
+/// `pagemesh executor`.
+pub fn executor(args: ExecutorArgs) -> Result<(), String> {
+    if args.device != "cpu" {
+        return Err(format!("unknown --device {} (this build supports: cpu)", args.device));
+    }
+    args.engine.set_threads()?;
+    let name = served_name(&args.served_model_name, &args.engine.model);
+    in_system(async move {
+        let bus = connect(&args.nats, "pagemesh-executor").await?;
+        start_executor(bus, &args.engine, &name, args.executor_id.clone())?;
+        wait_forever().await
+    })
+}
+
+/// `pagemesh scheduler`.
+pub fn scheduler(args: SchedulerArgs) -> Result<(), String> {
+    let name = served_name(&args.served_model_name, &args.engine.model);
+    let config = scheduler_config(&args.engine, &args.limits, &name)?;
+    in_system(async move {
+        let bus = connect(&args.nats, "pagemesh-scheduler").await?;
+        SchedulerService::new(bus, config).start();
+        wait_forever().await
+    })
+}
+
+/// `pagemesh tokenizer`.
+pub fn tokenizer(args: TokenizerArgs) -> Result<(), String> {
+    let name = served_name(&args.served_model_name, &args.model);
+    in_system(async move {
+        let bus = connect(&args.nats, "pagemesh-tokenizer").await?;
+        tokenizer_service(bus, &args.model, &name, args.max_model_len)?.start();
+        wait_forever().await
+    })
+}
+
+/// `pagemesh detokenizer`.
+pub fn detokenizer(args: DetokenizerArgs) -> Result<(), String> {
+    let tokenizer = Arc::new(TextTokenizer::load(&args.model).map_err(|e| e.to_string())?);
+    in_system(async move {
+        let bus = connect(&args.nats, "pagemesh-detokenizer").await?;
+        let id = args.detokenizer_id.clone().unwrap_or_else(new_id);
+        eprintln!("detokenizer {id}");
+        DetokenizerService::new(bus, id, tokenizer).start();
+        wait_forever().await
+    })
+}
+
+/// `pagemesh gateway`.
+pub fn gateway(args: GatewayArgs) -> Result<(), String> {
+    in_system(async move {
+        let bus = connect(&args.nats, "pagemesh-gateway").await?;
+        run_gateway(bus, &args.http).await
+    })
+}
+
+/// The address of a `nats://host:port` URL.
+fn nats_address(url: &str) -> Option<SocketAddr> {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let host_port = rest.rsplit('@').next().unwrap_or(rest).trim_end_matches('/');
+    let host_port = if host_port.contains(':') { host_port.to_string() } else { format!("{host_port}:4222") };
+    host_port.to_socket_addrs().ok()?.next()
+}
+
+/// A nats-server this process started; stopped when dropped.
+struct OwnNatsServer(std::process::Child);
+
+impl Drop for OwnNatsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ensure_nats(url: &str, allowed: bool) -> Result<Option<OwnNatsServer>, String> {
+    let Some(address) = nats_address(url) else {
+        return Err(format!("cannot resolve the NATS URL {url}"));
+    };
+    if TcpStream::connect_timeout(&address, Duration::from_millis(500)).is_ok() {
+        return Ok(None);
+    }
+    if !allowed || !address.ip().is_loopback() {
+        return Err(format!("no NATS server answers at {url}"));
+    }
+    let child = std::process::Command::new("nats-server")
+        .args(["-a", &address.ip().to_string(), "-p", &address.port().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "no NATS server answers at {url}, and nats-server could not be started ({e}). \
+                 Install it (Debian/Ubuntu: `apt-get install nats-server`; or see https://nats.io) \
+                 or point --nats-url at a running server"
+            )
+        })?;
+    eprintln!("started nats-server on {address} (no NATS server was reachable at {url})");
+    let server = OwnNatsServer(child);
+    for _ in 0..50 {
+        if TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_ok() {
+            return Ok(Some(server));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("the nats-server started on {address} does not answer"))
+}
+
+/// `pagemesh serve`: all five services in one process.
+pub fn serve(args: ServeArgs) -> Result<(), String> {
+    let _nats_server = ensure_nats(&args.nats.nats_url, !args.no_start_nats)?;
+    args.engine.set_threads()?;
+    let name = served_name(&args.served_model_name, &args.engine.model);
+    let config = scheduler_config(&args.engine, &args.limits, &name)?;
+    let detok_tokenizer = Arc::new(TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?);
+    in_system(async move {
+        let bus = connect(&args.nats, "pagemesh-serve").await?;
+        SchedulerService::new(bus.clone(), config).start();
+        tokenizer_service(bus.clone(), &args.engine.model, &name, args.engine.max_model_len)?.start();
+        DetokenizerService::new(bus.clone(), new_id(), detok_tokenizer).start();
+        for _ in 0..args.num_executors {
+            start_executor(bus.clone(), &args.engine, &name, None)?;
+        }
+        run_gateway(bus, &args.http).await
+    })
+}

@@ -1,0 +1,20 @@
+//! The pagemesh services, each an actix actor talking only over NATS:
+//!
+//! * [`gateway`]: the OpenAI-compatible HTTP API;
+//! * [`tokenizer_service`]: validation, chat templates and tokenization (a queue group);
+//! * [`scheduler_service`]: the block tables and queues of every executor, one continuous
+//!   batching loop per executor, failover;
+//! * [`executor_service`]: the model, running the steps it is sent;
+//! * [`detokenizer_service`]: incremental text, stop strings, ordered chunks to the client.
+//!
+//! [`launch`] builds them from command-line flags; `pagemesh serve` runs all five.
+
+pub mod bus;
+pub mod chat;
+pub mod detokenizer_service;
+pub mod engine_args;
+pub mod executor_service;
+pub mod gateway;
+pub mod launch;
+pub mod scheduler_service;
+pub mod tokenizer_service;

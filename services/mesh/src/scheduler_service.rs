@@ -1,0 +1,584 @@
+//! The scheduler service: the single owner of KV state for one model.
+//!
+//! It keeps one pure [`Scheduler`] (block manager + queues) per registered executor and one
+//! continuous-batching loop per executor: schedule a step, send it, feed the answer back, send
+//! the sampled tokens to the request's detokenizer, repeat. New requests go to the executor
+//! with the most free blocks. An executor that misses its heartbeats or a step's deadline is
+//! dropped and its requests move to the others, re-prefilled from prompt + tokens so far, so
+//! the client's stream goes on. With no executor, requests wait (bounded in count and time).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures::StreamExt;
+use pagemesh_scheduler::{AdmissionError, NewRequest, RequestEvent, Scheduler};
+use pagemesh_shared::protocol::{
+    AbortRequest, DetokenizerEvent, ErrorKind, ErrorReply, ExecutorRegistration, Heartbeat, OpenRequest, StepReply,
+    StepRequest, SubmitRequest, TokenEvent,
+};
+use pagemesh_shared::{EngineConfig, FinishReason, PreemptionMode};
+use serde_json::json;
+
+use crate::bus::{decode, Bus, BusError};
+
+/// Limits and timeouts of the scheduler service.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// The served model's name.
+    pub model: String,
+    /// Tokens that end a sample.
+    pub eos_token_ids: Vec<u32>,
+    /// Longest sequence.
+    pub max_model_len: usize,
+    /// Most sequences per step.
+    pub max_num_seqs: usize,
+    /// Most tokens per step.
+    pub max_num_batched_tokens: usize,
+    /// What preemption does.
+    pub preemption_mode: PreemptionMode,
+    /// Automatic prefix caching.
+    pub enable_prefix_caching: bool,
+    /// Most waiting requests per executor, and most requests waiting for an executor.
+    pub max_waiting_requests: usize,
+    /// Most waiting prompt tokens per executor.
+    pub max_waiting_tokens: usize,
+    /// An executor or detokenizer silent this long is gone.
+    pub heartbeat_timeout: Duration,
+    /// Longest a step may take.
+    pub step_timeout: Duration,
+    /// Longest a request waits for an executor when none is there.
+    pub unplaced_timeout: Duration,
+}
+
+struct ExecutorSlot {
+    core: Scheduler,
+    last_seen: Instant,
+    in_flight: bool,
+}
+
+struct RequestState {
+    submit: SubmitRequest,
+    executor: Option<String>,
+    core_id: u64,
+    detokenizer: String,
+    generated: Vec<Vec<u32>>,
+    finished: Vec<bool>,
+}
+
+/// The scheduler service.
+pub struct SchedulerService {
+    bus: Bus,
+    config: SchedulerConfig,
+    executors: BTreeMap<String, ExecutorSlot>,
+    detokenizers: BTreeMap<String, Instant>,
+    requests: HashMap<String, RequestState>,
+    by_core: HashMap<u64, String>,
+    next_core_id: u64,
+    unplaced: VecDeque<(String, Instant)>,
+    next_detokenizer: usize,
+    /// Executors recently dropped: heartbeats still in flight from them are ignored.
+    lost: HashMap<String, Instant>,
+    /// Requests moved off lost executors so far.
+    migrated: u64,
+}
+
+enum Incoming {
+    Submit(async_nats::Message),
+    Abort(async_nats::Message),
+    PublicAbort(async_nats::Message),
+    ExecutorBeat(async_nats::Message),
+    DetokenizerBeat(async_nats::Message),
+    Stats(async_nats::Message),
+    Health(async_nats::Message),
+}
+
+/// A step's answer (or failure), back from the executor.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StepDone {
+    executor: String,
+    result: Result<StepReply, BusError>,
+}
+
+impl SchedulerService {
+    /// A scheduler service.
+    pub fn new(bus: Bus, config: SchedulerConfig) -> Self {
+        Self {
+            bus,
+            config,
+            executors: BTreeMap::new(),
+            detokenizers: BTreeMap::new(),
+            requests: HashMap::new(),
+            by_core: HashMap::new(),
+            next_core_id: 0,
+            unplaced: VecDeque::new(),
+            next_detokenizer: 0,
+            lost: HashMap::new(),
+            migrated: 0,
+        }
+    }
+
+    fn publish<T: serde::Serialize + 'static>(&self, ctx: &mut Context<Self>, subject: String, value: T) {
+        let bus = self.bus.clone();
+        ctx.spawn(
+            async move {
+                if let Err(e) = bus.publish_json(subject, &value).await {
+                    eprintln!("scheduler: publish failed: {e}");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+
+    fn reply_error(&self, ctx: &mut Context<Self>, reply_to: &str, request_id: &str, kind: ErrorKind, message: String) {
+        self.publish(ctx, reply_to.to_string(), ErrorReply::new(Some(request_id.to_string()), kind, message));
+    }
+
+    fn engine_config(&self, registration: &ExecutorRegistration) -> EngineConfig {
+        EngineConfig {
+            block_size: registration.block_size,
+            num_device_blocks: registration.num_device_blocks,
+            num_host_blocks: registration.num_host_blocks,
+            max_num_seqs: self.config.max_num_seqs,
+            max_num_batched_tokens: self.config.max_num_batched_tokens,
+            preemption_mode: self.config.preemption_mode,
+            enable_prefix_caching: self.config.enable_prefix_caching,
+            max_waiting_requests: self.config.max_waiting_requests,
+            max_waiting_tokens: self.config.max_waiting_tokens,
+            max_model_len: self.config.max_model_len,
+        }
+    }
+
+    fn on_submit(&mut self, submit: SubmitRequest, ctx: &mut Context<Self>) {
+        if self.requests.contains_key(&submit.request_id) {
+            let message = format!("a request with id `{}` is already running", submit.request_id);
+            self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::InvalidRequest, message);
+            return;
+        }
+        if self.executors.is_empty() || self.detokenizers.is_empty() {
+            if self.unplaced.len() >= self.config.max_waiting_requests {
+                let message = "the server is overloaded: too many requests are waiting for an executor".to_string();
+                self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::Overloaded, message);
+                return;
+            }
+            let id = submit.request_id.clone();
+            self.requests.insert(id.clone(), self.new_state(submit));
+            self.unplaced.push_back((id, Instant::now()));
+            return;
+        }
+        let id = submit.request_id.clone();
+        let state = self.new_state(submit);
+        self.requests.insert(id.clone(), state);
+        self.place(&id, ctx);
+    }
+
+    fn new_state(&self, submit: SubmitRequest) -> RequestState {
+        let n = submit.params.n;
+        RequestState {
+            submit,
+            executor: None,
+            core_id: 0,
+            detokenizer: String::new(),
+            generated: vec![Vec::new(); n],
+            finished: vec![false; n],
+        }
+    }
+
+    /// Puts a request (new, or moved from a lost executor) on the executor with the most free
+    /// blocks, and opens its stream on a detokenizer if it has none.
+    fn place(&mut self, request_id: &str, ctx: &mut Context<Self>) {
+        let Some(target) =
+            self.executors.iter().max_by_key(|(_, slot)| slot.core.block_usage().device_free).map(|(id, _)| id.clone())
+        else {
+            return;
+        };
+        let Some(state) = self.requests.get(request_id) else { return };
+        let submit = &state.submit;
+        let done: usize = state.generated.first().map_or(0, Vec::len);
+        let resumed = done > 0;
+        if resumed && submit.params.n > 1 {
+            let (reply, id) = (submit.reply_to.clone(), submit.request_id.clone());
+            self.fail(ctx, &id, "the executor serving this request was lost and a request with n > 1 cannot move");
+            let _ = reply;
+            return;
+        }
+        let mut prompt = submit.prompt_token_ids.clone();
+        let mut params = submit.params.clone();
+        if resumed {
+            prompt.extend(&state.generated[0]);
+            params.max_tokens -= done;
+            params.min_tokens = params.min_tokens.saturating_sub(done);
+        }
+        let core_id = self.next_core_id;
+        self.next_core_id += 1;
+        let new = NewRequest { request_id: core_id, prompt_token_ids: prompt, params, seed: submit.seed };
+        let Some(slot) = self.executors.get_mut(&target) else { return };
+        if let Err(e) = slot.core.add_request(new) {
+            let kind = match e {
+                AdmissionError::QueueFull { .. } => ErrorKind::Overloaded,
+                _ => ErrorKind::InvalidRequest,
+            };
+            let (reply, id) = (submit.reply_to.clone(), submit.request_id.clone());
+            if resumed {
+                self.fail(ctx, &id, &format!("the request could not move to another executor: {e}"));
+            } else {
+                self.requests.remove(&id);
+                self.reply_error(ctx, &reply, &id, kind, e.to_string());
+            }
+            return;
+        }
+        self.by_core.insert(core_id, request_id.to_string());
+        let needs_detokenizer = state.detokenizer.is_empty();
+        let detokenizer = if needs_detokenizer { self.pick_detokenizer() } else { state.detokenizer.clone() };
+        let Some(state) = self.requests.get_mut(request_id) else { return };
+        state.executor = Some(target.clone());
+        state.core_id = core_id;
+        if needs_detokenizer {
+            state.detokenizer = detokenizer.clone();
+            let open = OpenRequest {
+                request_id: request_id.to_string(),
+                reply_to: state.submit.reply_to.clone(),
+                prompt_token_ids: state.submit.prompt_token_ids.clone(),
+                n: state.submit.params.n,
+                stop: state.submit.stop.clone(),
+                stream: state.submit.stream,
+                logprobs: state.submit.params.logprobs.is_some(),
+            };
+            let subject = self.bus.subjects.detokenizer_events(&detokenizer);
+            self.publish(ctx, subject, DetokenizerEvent::Open(open));
+        }
+        self.drive(&target, ctx);
+    }
+
+    fn pick_detokenizer(&mut self) -> String {
+        let ids: Vec<&String> = self.detokenizers.keys().collect();
+        let id = ids[self.next_detokenizer % ids.len()].clone();
+        self.next_detokenizer += 1;
+        id
+    }
+
+    /// Ends a request with an error on its stream (or its inbox if no stream is open).
+    fn fail(&mut self, ctx: &mut Context<Self>, request_id: &str, message: &str) {
+        let Some(state) = self.requests.remove(request_id) else { return };
+        self.by_core.remove(&state.core_id);
+        if let Some(executor) = &state.executor {
+            if let Some(slot) = self.executors.get_mut(executor) {
+                slot.core.abort_request(state.core_id);
+            }
+        }
+        if state.detokenizer.is_empty() {
+            self.reply_error(ctx, &state.submit.reply_to, request_id, ErrorKind::Unavailable, message.to_string());
+        } else {
+            let event = DetokenizerEvent::Finish {
+                request_id: request_id.to_string(),
+                reason: FinishReason::Error,
+                message: Some(message.to_string()),
+            };
+            let subject = self.bus.subjects.detokenizer_events(&state.detokenizer);
+            self.publish(ctx, subject, event);
+        }
+    }
+
+    /// Starts the executor's next step if it has none in flight and work to do.
+    fn drive(&mut self, executor: &str, ctx: &mut Context<Self>) {
+        let Some(slot) = self.executors.get_mut(executor) else { return };
+        if slot.in_flight {
+            return;
+        }
+        let Some(plan) = slot.core.schedule() else { return };
+        slot.in_flight = true;
+        let bus = self.bus.clone();
+        let subject = bus.subjects.executor_step(executor);
+        let timeout = self.config.step_timeout;
+        let executor = executor.to_string();
+        ctx.spawn(
+            async move {
+                let result = bus.request_json::<_, StepReply>(subject, &StepRequest { plan }, timeout).await;
+                StepDone { executor, result }
+            }
+            .into_actor(self)
+            .map(|done, _, ctx| ctx.notify(done)),
+        );
+    }
+
+    fn route(&mut self, events: Vec<RequestEvent>, ctx: &mut Context<Self>) {
+        let mut batches: Vec<(String, Vec<TokenEvent>)> = Vec::new();
+        for event in events {
+            let Some(request_id) = self.by_core.get(&event.request_id).cloned() else { continue };
+            let Some(state) = self.requests.get_mut(&request_id) else { continue };
+            let sample = event.sample_index as usize;
+            if let (Some(token), Some(generated)) = (&event.token, state.generated.get_mut(sample)) {
+                generated.push(token.token);
+            }
+            if event.finish.is_some() {
+                if let Some(f) = state.finished.get_mut(sample) {
+                    *f = true;
+                }
+            }
+            let token_event = TokenEvent { sample_index: event.sample_index, token: event.token, finish: event.finish };
+            match batches.iter_mut().find(|(id, _)| *id == request_id) {
+                Some((_, list)) => list.push(token_event),
+                None => batches.push((request_id, vec![token_event])),
+            }
+        }
+        for (request_id, tokens) in batches {
+            let Some(state) = self.requests.get(&request_id) else { continue };
+            let subject = self.bus.subjects.detokenizer_events(&state.detokenizer);
+            if state.finished.iter().all(|f| *f) {
+                if let Some(state) = self.requests.remove(&request_id) {
+                    self.by_core.remove(&state.core_id);
+                }
+            }
+            self.publish(ctx, subject, DetokenizerEvent::Tokens { request_id, tokens });
+        }
+    }
+
+    fn on_step_done(&mut self, done: StepDone, ctx: &mut Context<Self>) {
+        let Some(slot) = self.executors.get_mut(&done.executor) else { return };
+        match done.result {
+            Ok(StepReply::Done(output)) => {
+                slot.in_flight = false;
+                let events = slot.core.process_output(&output);
+                self.route(events, ctx);
+                self.drive(&done.executor, ctx);
+            }
+            Ok(StepReply::Failed(message)) => {
+                eprintln!("scheduler: executor {} failed a step: {message}", done.executor);
+                self.lose_executor(&done.executor, ctx);
+            }
+            Err(e) => {
+                eprintln!("scheduler: executor {} did not answer a step: {e}", done.executor);
+                self.lose_executor(&done.executor, ctx);
+            }
+        }
+    }
+
+    /// Drops an executor and moves its requests to the others (or waits for one).
+    fn lose_executor(&mut self, executor: &str, ctx: &mut Context<Self>) {
+        if self.executors.remove(executor).is_none() {
+            return;
+        }
+        self.lost.insert(executor.to_string(), Instant::now());
+        eprintln!("scheduler: executor {executor} is gone; moving its requests");
+        let mut moved: Vec<String> = self
+            .requests
+            .iter()
+            .filter(|(_, s)| s.executor.as_deref() == Some(executor))
+            .map(|(id, _)| id.clone())
+            .collect();
+        moved.sort_by_key(|id| self.requests.get(id).map(|s| s.core_id));
+        self.migrated += moved.len() as u64;
+        for id in moved {
+            if let Some(state) = self.requests.get_mut(&id) {
+                self.by_core.remove(&state.core_id);
+                state.executor = None;
+            }
+            if self.executors.is_empty() {
+                self.unplaced.push_back((id, Instant::now()));
+            } else {
+                self.place(&id, ctx);
+            }
+        }
+    }
+
+    fn on_abort(&mut self, request_id: &str, ctx: &mut Context<Self>) {
+        let Some(state) = self.requests.get(request_id) else { return };
+        match state.executor.clone() {
+            Some(executor) => {
+                let core_id = state.core_id;
+                if let Some(slot) = self.executors.get_mut(&executor) {
+                    let events = slot.core.abort_request(core_id);
+                    self.route(events, ctx);
+                    self.drive(&executor, ctx);
+                }
+            }
+            None => {
+                self.unplaced.retain(|(id, _)| id != request_id);
+                if let Some(state) = self.requests.remove(request_id) {
+                    let _ = state;
+                }
+            }
+        }
+    }
+
+    fn on_executor_beat(&mut self, registration: ExecutorRegistration, ctx: &mut Context<Self>) {
+        if registration.model != self.config.model {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(slot) = self.executors.get_mut(&registration.executor_id) {
+            slot.last_seen = now;
+            return;
+        }
+        let quarantine = 2 * self.config.heartbeat_timeout;
+        if self.lost.get(&registration.executor_id).is_some_and(|at| now - *at < quarantine) {
+            return;
+        }
+        let config = self.engine_config(&registration);
+        if let Err(e) = pagemesh_scheduler::validate_config(&config) {
+            eprintln!("scheduler: executor {} refused: {e}", registration.executor_id);
+            return;
+        }
+        eprintln!(
+            "scheduler: executor {} registered ({} device / {} host blocks of {})",
+            registration.executor_id,
+            registration.num_device_blocks,
+            registration.num_host_blocks,
+            registration.block_size
+        );
+        let slot = ExecutorSlot {
+            core: Scheduler::new(config, self.config.eos_token_ids.clone()),
+            last_seen: now,
+            in_flight: false,
+        };
+        self.executors.insert(registration.executor_id, slot);
+        self.place_unplaced(ctx);
+    }
+
+    fn place_unplaced(&mut self, ctx: &mut Context<Self>) {
+        if self.executors.is_empty() || self.detokenizers.is_empty() {
+            return;
+        }
+        while let Some((id, _)) = self.unplaced.pop_front() {
+            self.place(&id, ctx);
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let timeout = self.config.heartbeat_timeout;
+        let lost: Vec<String> =
+            self.executors.iter().filter(|(_, s)| now - s.last_seen > timeout).map(|(id, _)| id.clone()).collect();
+        for id in lost {
+            self.lose_executor(&id, ctx);
+        }
+        let quarantine = 2 * timeout;
+        self.lost.retain(|_, at| now - *at < quarantine);
+        self.detokenizers.retain(|id, seen| {
+            let alive = now - *seen <= timeout;
+            if !alive {
+                eprintln!("scheduler: detokenizer {id} is gone");
+            }
+            alive
+        });
+        let expired: Vec<String> = self
+            .unplaced
+            .iter()
+            .filter(|(_, since)| now - *since > self.config.unplaced_timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.unplaced.retain(|(_, since)| now - *since <= self.config.unplaced_timeout);
+        for id in expired {
+            self.fail(ctx, &id, "no executor is available to serve this request");
+        }
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let executors: Vec<_> = self
+            .executors
+            .iter()
+            .map(|(id, slot)| {
+                let u = slot.core.block_usage();
+                json!({"executor_id": id, "device_blocks_total": u.device_total, "device_blocks_free": u.device_free,
+                       "host_blocks_total": u.host_total, "host_blocks_free": u.host_free,
+                       "running": slot.core.num_running(), "waiting": slot.core.num_waiting(),
+                       "swapped": slot.core.num_swapped(), "stats": slot.core.stats()})
+            })
+            .collect();
+        json!({"model": self.config.model, "executors": executors, "detokenizers": self.detokenizers.len(),
+               "requests": self.requests.len(), "unplaced": self.unplaced.len(), "migrated_requests": self.migrated})
+    }
+}
+
+impl Actor for SchedulerService {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let client = self.bus.client.clone();
+        let s = self.bus.subjects.clone();
+        ctx.wait(
+            async move {
+                let subs = [
+                    client.subscribe(s.submit()).await?.map(Incoming::Submit).boxed(),
+                    client.subscribe(s.scheduler_abort()).await?.map(Incoming::Abort).boxed(),
+                    client.subscribe(s.abort()).await?.map(Incoming::PublicAbort).boxed(),
+                    client.subscribe(s.executor_heartbeat()).await?.map(Incoming::ExecutorBeat).boxed(),
+                    client.subscribe(s.detokenizer_heartbeat()).await?.map(Incoming::DetokenizerBeat).boxed(),
+                    client.subscribe(s.stats()).await?.map(Incoming::Stats).boxed(),
+                    client.subscribe(s.health()).await?.map(Incoming::Health).boxed(),
+                ];
+                Ok::<_, async_nats::SubscribeError>(futures::stream::select_all(subs))
+            }
+            .into_actor(self)
+            .map(|result, _, ctx| match result {
+                Ok(stream) => {
+                    ctx.add_stream(stream);
+                }
+                Err(e) => {
+                    eprintln!("scheduler: cannot subscribe: {e}");
+                    System::current().stop_with_code(1);
+                }
+            }),
+        );
+        ctx.run_interval(Duration::from_millis(200), |act, ctx| act.tick(ctx));
+    }
+}
+
+impl Handler<StepDone> for SchedulerService {
+    type Result = ();
+
+    fn handle(&mut self, msg: StepDone, ctx: &mut Self::Context) {
+        self.on_step_done(msg, ctx);
+    }
+}
+
+impl StreamHandler<Incoming> for SchedulerService {
+    fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
+        match item {
+            Incoming::Submit(msg) => match decode::<SubmitRequest>(msg.subject.as_str(), &msg.payload) {
+                Ok(submit) => self.on_submit(submit, ctx),
+                Err(e) => eprintln!("scheduler: dropped a malformed submit: {e}"),
+            },
+            Incoming::Abort(msg) | Incoming::PublicAbort(msg) => {
+                match decode::<AbortRequest>(msg.subject.as_str(), &msg.payload) {
+                    Ok(abort) => self.on_abort(&abort.request_id, ctx),
+                    Err(e) => {
+                        if let Some(reply) = msg.reply {
+                            let error = ErrorReply::new(None, ErrorKind::InvalidRequest, e.to_string());
+                            self.publish(ctx, reply.to_string(), error);
+                        }
+                    }
+                }
+            }
+            Incoming::ExecutorBeat(msg) => {
+                if let Ok(registration) = decode::<ExecutorRegistration>(msg.subject.as_str(), &msg.payload) {
+                    self.on_executor_beat(registration, ctx);
+                }
+            }
+            Incoming::DetokenizerBeat(msg) => {
+                if let Ok(beat) = decode::<Heartbeat>(msg.subject.as_str(), &msg.payload) {
+                    let new = self.detokenizers.insert(beat.id.clone(), Instant::now()).is_none();
+                    if new {
+                        eprintln!("scheduler: detokenizer {} registered", beat.id);
+                        self.place_unplaced(ctx);
+                    }
+                }
+            }
+            Incoming::Stats(msg) => {
+                if let Some(reply) = msg.reply {
+                    let stats = self.stats();
+                    self.publish(ctx, reply.to_string(), stats);
+                }
+            }
+            Incoming::Health(msg) => {
+                if let Some(reply) = msg.reply {
+                    let ready = !self.executors.is_empty() && !self.detokenizers.is_empty();
+                    let health = json!({"live": true, "ready": ready, "executors": self.executors.len(),
+                                        "detokenizers": self.detokenizers.len()});
+                    self.publish(ctx, reply.to_string(), health);
+                }
+            }
+        }
+    }
+}

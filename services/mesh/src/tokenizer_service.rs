@@ -1,0 +1,311 @@
+//! The tokenizer service: a NATS queue group on the public request subjects. It validates
+//! generation requests (types, ranges, prompt + max_tokens within the context), renders chat
+//! prompts, tokenizes, and hands the request to the scheduler; an invalid request gets an
+//! error on its reply inbox at once. It also answers tokenize, detokenize and models.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use futures::StreamExt;
+use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest};
+use pagemesh_shared::subjects::TOKENIZER_QUEUE;
+use pagemesh_tokenizer::TextTokenizer;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::bus::{new_id, Bus};
+use crate::chat::PromptRenderer;
+
+/// What the tokenizer knows of the model.
+pub struct ModelInfo {
+    /// Served name.
+    pub name: String,
+    /// Longest prompt + output.
+    pub max_model_len: usize,
+    /// Vocabulary size of the model.
+    pub vocab_size: usize,
+}
+
+/// The tokenizer service.
+pub struct TokenizerService {
+    bus: Bus,
+    tokenizer: Arc<TextTokenizer>,
+    renderer: PromptRenderer,
+    model: ModelInfo,
+}
+
+/// Which public subject a message came on.
+enum Incoming {
+    Generate(async_nats::Message),
+    Tokenize(async_nats::Message),
+    Detokenize(async_nats::Message),
+    Models(async_nats::Message),
+}
+
+impl Message for Incoming {
+    type Result = ();
+}
+
+/// `<prefix>.tokenize` request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<pagemesh_shared::protocol::Message>>,
+    #[serde(default)]
+    add_special_tokens: Option<bool>,
+    #[serde(default)]
+    add_generation_prompt: Option<bool>,
+}
+
+/// `<prefix>.detokenize` request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    #[serde(default)]
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+#[derive(Serialize)]
+struct TokenizeReply {
+    tokens: Vec<u32>,
+    count: usize,
+    max_model_len: usize,
+}
+
+/// A request rejected before it reaches the scheduler.
+pub struct Rejection {
+    /// Kind.
+    pub kind: ErrorKind,
+    /// Message.
+    pub message: String,
+}
+
+fn invalid(message: impl Into<String>) -> Rejection {
+    Rejection { kind: ErrorKind::InvalidRequest, message: message.into() }
+}
+
+impl TokenizerService {
+    /// A tokenizer service for one model.
+    pub fn new(bus: Bus, tokenizer: Arc<TextTokenizer>, renderer: PromptRenderer, model: ModelInfo) -> Self {
+        Self { bus, tokenizer, renderer, model }
+    }
+
+    fn check_model(&self, model: Option<&str>) -> Result<(), Rejection> {
+        match model {
+            Some(name) if name != self.model.name => Err(Rejection {
+                kind: ErrorKind::ModelNotFound,
+                message: format!("the model `{name}` does not exist; this server serves `{}`", self.model.name),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Validates and tokenizes a generation request.
+    pub fn prepare(&self, payload: &[u8], reply_to: &str) -> Result<SubmitRequest, (Option<String>, Rejection)> {
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|e| (None, invalid(format!("the request is not valid JSON: {e}"))))?;
+        let request_id = value.get("request_id").and_then(Value::as_str).map(str::to_string);
+        let explicit_max_tokens = value.get("max_tokens").is_some();
+        let request: GenerateRequest = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let message =
+                if path == "." { e.inner().to_string() } else { format!("invalid value for `{path}`: {}", e.inner()) };
+            (request_id.clone(), invalid(message))
+        })?;
+        let request_id = request.request_id.clone().unwrap_or_else(new_id);
+        let fail = |r: Rejection| (Some(request_id.clone()), r);
+        self.check_model(request.model.as_deref()).map_err(fail)?;
+        request.params.validate().map_err(|m| fail(invalid(m)))?;
+        let prompt_token_ids = match (&request.prompt, &request.messages) {
+            (Some(_), Some(_)) => return Err(fail(invalid("give either `prompt` or `messages`, not both"))),
+            (None, None) => return Err(fail(invalid("missing `prompt` (or `messages`)"))),
+            (Some(Prompt::Text(text)), None) => {
+                self.tokenizer.encode(text).map_err(|e| fail(invalid(e.to_string())))?
+            }
+            (Some(Prompt::Ids(ids)), None) => ids.clone(),
+            (None, Some(messages)) => {
+                if messages.is_empty() {
+                    return Err(fail(invalid("`messages` must not be empty")));
+                }
+                let add = request.add_generation_prompt.unwrap_or(true);
+                self.renderer.tokenize(&self.tokenizer, messages, add).map_err(|m| fail(invalid(m)))?
+            }
+        };
+        if prompt_token_ids.is_empty() {
+            return Err(fail(invalid("the prompt is empty")));
+        }
+        if let Some(bad) = prompt_token_ids.iter().find(|&&t| t as usize >= self.model.vocab_size) {
+            return Err(fail(invalid(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.model.vocab_size
+            ))));
+        }
+        let mut params = request.params.clone();
+        if request.messages.is_some() && !explicit_max_tokens {
+            // Chat without max_tokens: up to the end of the context.
+            params.max_tokens = self.model.max_model_len.saturating_sub(prompt_token_ids.len()).max(1);
+        }
+        let total = prompt_token_ids.len() + params.max_tokens;
+        if total > self.model.max_model_len {
+            return Err(fail(invalid(format!(
+                "this model's maximum context length is {} tokens; the prompt has {} tokens and max_tokens is {} ({total} in all)",
+                self.model.max_model_len,
+                prompt_token_ids.len(),
+                params.max_tokens
+            ))));
+        }
+        let stop = request.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+        if stop.iter().any(String::is_empty) {
+            return Err(fail(invalid("stop strings must not be empty")));
+        }
+        let seed = params.seed.unwrap_or_else(rand::random);
+        Ok(SubmitRequest {
+            request_id,
+            reply_to: reply_to.to_string(),
+            prompt_token_ids,
+            params,
+            seed,
+            stop,
+            stream: request.stream.unwrap_or(true),
+        })
+    }
+
+    fn tokenize(&self, payload: &[u8]) -> Value {
+        let request: TokenizeRequest = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => return error_value(invalid(format!("invalid tokenize request: {e}"))),
+        };
+        if let Err(r) = self.check_model(request.model.as_deref()) {
+            return error_value(r);
+        }
+        let tokens = match (request.prompt, request.messages) {
+            (Some(text), None) => {
+                self.tokenizer.encode_with(&text, request.add_special_tokens.unwrap_or(true)).map_err(|e| e.to_string())
+            }
+            (None, Some(messages)) if !messages.is_empty() => {
+                self.renderer.tokenize(&self.tokenizer, &messages, request.add_generation_prompt.unwrap_or(true))
+            }
+            _ => Err("give either a non-empty `prompt` or non-empty `messages`".to_string()),
+        };
+        match tokens {
+            Ok(tokens) => json!(TokenizeReply { count: tokens.len(), tokens, max_model_len: self.model.max_model_len }),
+            Err(m) => error_value(invalid(m)),
+        }
+    }
+
+    fn detokenize(&self, payload: &[u8]) -> Value {
+        let request: DetokenizeRequest = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => return error_value(invalid(format!("invalid detokenize request: {e}"))),
+        };
+        if let Err(r) = self.check_model(request.model.as_deref()) {
+            return error_value(r);
+        }
+        if let Some(bad) = request.tokens.iter().find(|&&t| t as usize >= self.model.vocab_size) {
+            return error_value(invalid(format!("token id {bad} is outside the vocabulary")));
+        }
+        match self.tokenizer.decode(&request.tokens) {
+            Ok(prompt) => json!({ "prompt": prompt }),
+            Err(e) => error_value(invalid(e.to_string())),
+        }
+    }
+
+    fn models(&self) -> Value {
+        json!({"object": "list", "data": [{"id": self.model.name, "object": "model", "owned_by": "pagemesh",
+                                            "max_model_len": self.model.max_model_len}]})
+    }
+}
+
+fn error_value(r: Rejection) -> Value {
+    json!(ErrorReply::new(None, r.kind, r.message))
+}
+
+impl Actor for TokenizerService {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let client = self.bus.client.clone();
+        let s = self.bus.subjects.clone();
+        ctx.wait(
+            async move {
+                let generate = client.queue_subscribe(s.generate(), TOKENIZER_QUEUE.to_string()).await?;
+                let tokenize = client.queue_subscribe(s.tokenize(), TOKENIZER_QUEUE.to_string()).await?;
+                let detokenize = client.queue_subscribe(s.detokenize(), TOKENIZER_QUEUE.to_string()).await?;
+                let models = client.queue_subscribe(s.models(), TOKENIZER_QUEUE.to_string()).await?;
+                Ok::<_, async_nats::SubscribeError>(futures::stream::select_all([
+                    generate.map(Incoming::Generate).boxed(),
+                    tokenize.map(Incoming::Tokenize).boxed(),
+                    detokenize.map(Incoming::Detokenize).boxed(),
+                    models.map(Incoming::Models).boxed(),
+                ]))
+            }
+            .into_actor(self)
+            .map(|result, _, ctx| match result {
+                Ok(stream) => {
+                    ctx.add_stream(stream);
+                }
+                Err(e) => {
+                    eprintln!("tokenizer: cannot subscribe: {e}");
+                    System::current().stop_with_code(1);
+                }
+            }),
+        );
+    }
+}
+
+impl StreamHandler<Incoming> for TokenizerService {
+    fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
+        let bus = self.bus.clone();
+        match item {
+            Incoming::Generate(msg) => {
+                let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else {
+                    eprintln!("tokenizer: a generate request without a reply inbox was dropped");
+                    return;
+                };
+                match self.prepare(&msg.payload, &reply) {
+                    Ok(submit) => ctx.spawn(
+                        async move {
+                            if let Err(e) = bus.publish_json(bus.subjects.submit(), &submit).await {
+                                let error = ErrorReply::new(
+                                    Some(submit.request_id.clone()),
+                                    ErrorKind::Unavailable,
+                                    e.to_string(),
+                                );
+                                let _ = bus.publish_json(reply, &error).await;
+                            }
+                        }
+                        .into_actor(self),
+                    ),
+                    Err((request_id, r)) => ctx.spawn(
+                        async move {
+                            let _ = bus.publish_json(reply, &ErrorReply::new(request_id, r.kind, r.message)).await;
+                        }
+                        .into_actor(self),
+                    ),
+                };
+            }
+            Incoming::Tokenize(msg) | Incoming::Detokenize(msg) | Incoming::Models(msg) => {
+                let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else { return };
+                let answer = if msg.subject.as_str() == bus.subjects.tokenize() {
+                    self.tokenize(&msg.payload)
+                } else if msg.subject.as_str() == bus.subjects.detokenize() {
+                    self.detokenize(&msg.payload)
+                } else {
+                    self.models()
+                };
+                ctx.spawn(
+                    async move {
+                        let _ = bus.publish_json(reply, &answer).await;
+                    }
+                    .into_actor(self),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Messages that cross NATS.
+//!
+//! Public messages ([`GenerateRequest`], [`Chunk`], [`ErrorBody`], …) are JSON for clients in
+//! any language. Internal ones (scheduler ↔ executor, scheduler → detokenizer) are versioned by
+//! their subject (`v1`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::output::{FinishReason, SampledToken};
+use crate::sampling::SamplingParams;
+use crate::step::{StepOutput, StepPlan};
+
+/// A chat message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant`, …
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// The prompt of a generation request: text, token ids, or chat messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// Text, tokenized with the model's special tokens (BOS).
+    Text(String),
+    /// Token ids, used as they are.
+    Ids(Vec<u32>),
+}
+
+/// Stop strings: one or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StopStrings {
+    /// One string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl StopStrings {
+    /// As a list.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// A generation request published to `<prefix>.generate` (public, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// The client's id for the request (one is made when absent).
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// The model name (checked when given).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Text or token ids.
+    #[serde(default)]
+    pub prompt: Option<Prompt>,
+    /// Chat messages, rendered with the model's chat template.
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    /// With `messages`: end the rendered prompt with the assistant's turn (default true).
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+    /// Stop strings (the text is cut before them).
+    #[serde(default)]
+    pub stop: Option<StopStrings>,
+    /// Stream chunks as tokens come (default true); false: one final chunk with everything.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Sampling parameters, named as in the OpenAI API.
+    #[serde(flatten)]
+    pub params: SamplingParams,
+}
+
+/// Token counts of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens (all samples).
+    pub completion_tokens: usize,
+    /// Both.
+    pub total_tokens: usize,
+}
+
+/// One output chunk on a request's reply inbox (public, JSON).
+///
+/// Chunks of a request carry `index` 0, 1, 2, … with no gap; the last one has `done: true`,
+/// the usage, and (like every sample's last chunk) a `finish_reason`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// The request's id.
+    pub request_id: String,
+    /// Position of this chunk in the request's stream.
+    pub index: u64,
+    /// Which sample (0 unless `n` > 1).
+    pub sample_index: u32,
+    /// New text.
+    pub text: String,
+    /// New token ids.
+    pub token_ids: Vec<u32>,
+    /// Log-probabilities of the new tokens, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<SampledToken>>,
+    /// Set on a sample's last chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
+    /// Set on the request's last chunk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done: bool,
+    /// On the last chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// The prompt's token ids, on the first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+}
+
+/// Kinds of errors, with the HTTP status a gateway maps them to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or out of range (400).
+    InvalidRequest,
+    /// The named model is not served (404).
+    ModelNotFound,
+    /// The waiting queue is full (429).
+    Overloaded,
+    /// No executor is available (503).
+    Unavailable,
+    /// Something failed inside (500).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidRequest => 400,
+            Self::ModelNotFound => 404,
+            Self::Overloaded => 429,
+            Self::Unavailable => 503,
+            Self::Internal => 500,
+        }
+    }
+
+    /// The OpenAI error `type`.
+    pub fn openai_type(self) -> &'static str {
+        match self {
+            Self::InvalidRequest | Self::ModelNotFound => "invalid_request_error",
+            Self::Overloaded => "rate_limit_exceeded",
+            Self::Unavailable => "service_unavailable",
+            Self::Internal => "internal_error",
+        }
+    }
+}
+
+/// An error sent in place of chunks: `{"error": {"message", "kind"}, "request_id"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The request's id, when known.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// What went wrong.
+    pub error: ErrorBody,
+}
+
+/// The error itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Human-readable message.
+    pub message: String,
+    /// Kind.
+    pub kind: ErrorKind,
+    /// The parameter at fault, when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+impl ErrorReply {
+    /// An error of `kind` with `message`.
+    pub fn new(request_id: Option<String>, kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { request_id, error: ErrorBody { message: message.into(), kind, param: None } }
+    }
+}
+
+/// Anything a request's reply inbox receives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReplyMessage {
+    /// An error; nothing follows.
+    Error(ErrorReply),
+    /// An output chunk.
+    Chunk(Chunk),
+}
+
+/// Internal (v1): a validated, tokenized request, tokenizer → scheduler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    /// The request's id.
+    pub request_id: String,
+    /// Where chunks go.
+    pub reply_to: String,
+    /// The prompt's ids.
+    pub prompt_token_ids: Vec<u32>,
+    /// Sampling parameters (seed resolved).
+    pub params: SamplingParams,
+    /// The resolved seed.
+    pub seed: u64,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Stream chunks (else one final chunk).
+    pub stream: bool,
+}
+
+/// Internal (v1): an abort, detokenizer or gateway → scheduler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AbortRequest {
+    /// The request's id.
+    pub request_id: String,
+}
+
+/// Internal (v1): an executor announces itself (request; the scheduler replies
+/// [`RegisterReply`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecutorRegistration {
+    /// Unique id of this executor instance.
+    pub executor_id: String,
+    /// The model it serves.
+    pub model: String,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Device pool.
+    pub num_device_blocks: usize,
+    /// Host pool.
+    pub num_host_blocks: usize,
+}
+
+/// Internal (v1): the scheduler's answer to a registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterReply {
+    /// Whether the executor was taken.
+    pub accepted: bool,
+    /// Why not, when it was not.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Internal (v1): a heartbeat of an executor or detokenizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The instance's id.
+    pub id: String,
+}
+
+/// Internal (v1): a step for an executor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRequest {
+    /// The plan.
+    pub plan: StepPlan,
+}
+
+/// Internal (v1): an executor's answer to a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StepReply {
+    /// The step ran.
+    Done(StepOutput),
+    /// The step failed; the executor's state is unchanged for the sequences it names.
+    Failed(String),
+}
+
+/// Internal (v1): what a detokenizer is sent for a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DetokenizerEvent {
+    /// A request starts on this detokenizer (or moves to it, with the tokens so far).
+    Open(OpenRequest),
+    /// New tokens.
+    Tokens {
+        /// The request's id.
+        request_id: String,
+        /// In order.
+        tokens: Vec<TokenEvent>,
+    },
+    /// The request failed or was aborted upstream: end its stream.
+    Finish {
+        /// The request's id.
+        request_id: String,
+        /// Why.
+        reason: FinishReason,
+        /// A message for `error` finishes.
+        message: Option<String>,
+    },
+}
+
+/// Internal (v1): everything a detokenizer needs to serve a request's stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenRequest {
+    /// The request's id.
+    pub request_id: String,
+    /// Where chunks go.
+    pub reply_to: String,
+    /// The prompt's ids.
+    pub prompt_token_ids: Vec<u32>,
+    /// Number of samples.
+    pub n: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Stream chunks (else one final chunk).
+    pub stream: bool,
+    /// Whether chunks carry logprobs.
+    pub logprobs: bool,
+}
+
+/// Internal (v1): one token of one sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    /// Which sample.
+    pub sample_index: u32,
+    /// The token (absent for a finish without a token, e.g. an abort).
+    pub token: Option<SampledToken>,
+    /// Set when the sample ends.
+    pub finish: Option<FinishReason>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_requests_parse_openai_style_fields_and_refuse_unknown_ones() {
+        let r: GenerateRequest =
+            serde_json::from_str(r#"{"prompt": "Hi", "max_tokens": 4, "temperature": 0, "stop": "x"}"#).unwrap();
+        assert_eq!(r.prompt, Some(Prompt::Text("Hi".into())));
+        assert_eq!(r.params.max_tokens, 4);
+        assert_eq!(r.stop.map(StopStrings::into_vec), Some(vec!["x".to_string()]));
+        let ids: GenerateRequest = serde_json::from_str(r#"{"prompt": [1, 2, 3]}"#).unwrap();
+        assert_eq!(ids.prompt, Some(Prompt::Ids(vec![1, 2, 3])));
+        assert!(serde_json::from_str::<GenerateRequest>(r#"{"prompt": "Hi", "bogus": 1}"#).is_err());
+    }
+
+    #[test]
+    fn replies_round_trip_and_errors_are_told_apart() {
+        let e = ReplyMessage::Error(ErrorReply::new(Some("r".into()), ErrorKind::Overloaded, "full"));
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(text.contains("\"overloaded\""));
+        assert_eq!(serde_json::from_str::<ReplyMessage>(&text).unwrap(), e);
+        assert_eq!(ErrorKind::Overloaded.http_status(), 429);
+    }
+}

@@ -1,0 +1,157 @@
+"""Fixtures of the mesh tests: a real nats-server on a free port and real pagemesh processes.
+
+The `pagemesh` binary is taken from $PAGEMESH_BIN, else target/release/pagemesh (build it
+first: `cargo build --release`). The stories260K model comes from $PAGEMESH_TEST_MODEL, else
+../shared/models/stories260K beside the repository.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("PAGEMESH_BIN", ROOT / "target" / "release" / "pagemesh"))
+MODEL = Path(os.environ.get("PAGEMESH_TEST_MODEL", ROOT.parent / "shared" / "models" / "stories260K"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def http_json(url, body=None, method=None, headers=None, timeout=30):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"))
+    req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+class Process:
+    def __init__(self, args, name):
+        self.name = name
+        self.log = open(f"/tmp/pagemesh-test-{name}-{os.getpid()}.log", "w")
+        self.proc = subprocess.Popen([str(BIN), *args], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def kill(self, sig=9):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+class NatsServer:
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close() or True,
+                 what="nats-server")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Mesh:
+    """A mesh: `pagemesh serve` (gateway, tokenizer, scheduler, detokenizer and optionally
+    executors) plus any extra service processes."""
+
+    def __init__(self, nats, prefix, serve_args=(), executors_in_process=1):
+        self.nats = nats
+        self.prefix = prefix
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.extra = []
+        common = ["--nats-url", nats.url, "--subject-prefix", prefix]
+        self.common = common
+        self.serve = Process(["serve", "--model", str(MODEL), "--host", "127.0.0.1", "--port", str(self.port),
+                              "--no-start-nats", "--num-executors", str(executors_in_process), *common,
+                              *serve_args], f"serve-{prefix}")
+        wait_for(lambda: http_json(self.base + "/health")[0] == 200, what="gateway")
+
+    def start(self, service, *args):
+        p = Process([service, *self.common, *args], f"{service}-{self.prefix}-{len(self.extra)}")
+        self.extra.append(p)
+        return p
+
+    def wait_ready(self, executors=1, timeout=60):
+        def ready():
+            status, body = http_json(self.base + "/ready")
+            return status == 200 and body["executors"] >= executors
+        wait_for(ready, timeout=timeout, what=f"{executors} executor(s)")
+
+    def stats(self):
+        status, body = http_json(self.base + "/stats")
+        assert status == 200, body
+        return body
+
+    def all_blocks_free(self):
+        s = self.stats()
+        return s["requests"] == 0 and all(
+            e["device_blocks_free"] == e["device_blocks_total"] and e["host_blocks_free"] == e["host_blocks_total"]
+            for e in s["executors"])
+
+    def stop(self):
+        for p in self.extra:
+            p.stop()
+        self.serve.stop()
+
+
+@pytest.fixture(scope="session")
+def nats():
+    server = NatsServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mesh(nats):
+    m = Mesh(nats, "pm")
+    m.wait_ready()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="session")
+def reference():
+    return json.loads((MODEL / "reference.json").read_text())["cases"]
+
+
+@pytest.fixture
+def fresh_prefix(request):
+    return "t" + str(abs(hash(request.node.name)) % 10**8)

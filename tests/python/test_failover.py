@@ -1,0 +1,59 @@
+"""Failover: with two executors, requests land on both; `kill -9` of one mid-stream and every
+request still completes with text identical to a fault-free run, and the survivor's pool is
+all free after the drain."""
+
+import asyncio
+
+from conftest import MODEL, Mesh, wait_for
+from test_reference import generate_over_nats
+
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park", "A cat", "",
+           "Tom said, \"Look at the big tree!\" Mia smiled."]
+
+
+def bodies():
+    return [{"prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0, "max_tokens": 450, "ignore_eos": True}
+            for i in range(24)]
+
+
+def texts(results):
+    out = []
+    for chunks in results:
+        assert isinstance(chunks, list), chunks
+        assert [c["index"] for c in chunks] == list(range(len(chunks)))
+        assert chunks[-1]["done"]
+        out.append("".join(c["text"] for c in chunks))
+    return out
+
+
+def test_killing_an_executor_mid_stream_loses_nothing(nats):
+    m = Mesh(nats, "failover", executors_in_process=0)
+    try:
+        first = m.start("executor", "--model", str(MODEL), "--threads", "1", "--executor-id", "e1")
+        m.start("executor", "--model", str(MODEL), "--threads", "1", "--executor-id", "e2")
+        m.wait_ready(executors=2)
+
+        async def run_all():
+            return await asyncio.gather(*(generate_over_nats(nats.url, "failover", b, timeout=120) for b in bodies()))
+
+        fault_free = texts(asyncio.run(run_all()))
+
+        async def run_with_kill():
+            tasks = [asyncio.create_task(generate_over_nats(nats.url, "failover", b, timeout=120)) for b in bodies()]
+
+            def both_busy():
+                s = m.stats()
+                busy = [e for e in s["executors"] if e["running"] > 0]
+                return len(busy) == 2
+            await asyncio.get_running_loop().run_in_executor(None, lambda: wait_for(both_busy, 30, "both executors busy"))
+            first.kill(9)
+            return await asyncio.gather(*tasks)
+
+        after_kill = texts(asyncio.run(run_with_kill()))
+        assert after_kill == fault_free
+        wait_for(m.all_blocks_free, timeout=5, what="the survivor's pool to be free")
+        s = m.stats()
+        assert [e["executor_id"] for e in s["executors"]] == ["e2"]
+        assert s["migrated_requests"] > 0, s
+    finally:
+        m.stop()
