@@ -278,11 +278,20 @@ async fn shutdown_signal() {
 /// Runs a service in an actix system until it ends or the process is told to stop; exits the
 /// process from inside the system, so that nothing is torn down outside its runtime.
 fn in_system(future: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+    in_system_then(future, || {})
+}
+
+/// [`in_system`], running `cleanup` before the process exits.
+fn in_system_then(
+    future: impl std::future::Future<Output = Result<(), String>>,
+    cleanup: impl FnOnce(),
+) -> Result<(), String> {
     actix_rt::System::new().block_on(async move {
         let result = tokio::select! {
             r = future => r,
             _ = shutdown_signal() => Ok(()),
         };
+        cleanup();
         match result {
             Ok(()) => std::process::exit(0),
             Err(e) => Err(e),
@@ -398,12 +407,12 @@ fn ensure_nats(url: &str, allowed: bool) -> Result<Option<OwnNatsServer>, String
 
 /// `pagemesh serve`: all five services in one process.
 pub fn serve(args: ServeArgs) -> Result<(), String> {
-    let _nats_server = ensure_nats(&args.nats.nats_url, !args.no_start_nats)?;
+    let nats_server = ensure_nats(&args.nats.nats_url, !args.no_start_nats)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);
     let config = scheduler_config(&args.engine, &args.limits, &name)?;
     let detok_tokenizer = Arc::new(TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?);
-    in_system(async move {
+    let services = async move {
         let bus = connect(&args.nats, "pagemesh-serve").await?;
         SchedulerService::new(bus.clone(), config).start();
         tokenizer_service(bus.clone(), &args.engine.model, &name, args.engine.max_model_len)?.start();
@@ -412,5 +421,6 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             start_executor(bus.clone(), &args.engine, &name, None)?;
         }
         run_gateway(bus, &args.http).await
-    })
+    };
+    in_system_then(services, move || drop(nats_server))
 }
