@@ -1,7 +1,7 @@
 """Fixtures of the mesh tests: a real nats-server on a free port and real pagemesh processes.
 
-The `pagemesh` binary is taken from $PAGEMESH_BIN, else target/release/pagemesh (build it
-first: `cargo build --release`). The stories260K model comes from $PAGEMESH_TEST_MODEL, else
+The `pagemesh` binary is taken from $PAGEMESH_BIN, else target/debug/pagemesh (what
+`cargo test` / `cargo build` leave there; tests/run builds it). The stories260K model comes from $PAGEMESH_TEST_MODEL, else
 ../shared/models/stories260K beside the repository.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("PAGEMESH_BIN", ROOT / "target" / "release" / "pagemesh"))
+BIN = Path(os.environ.get("PAGEMESH_BIN", ROOT / "target" / "debug" / "pagemesh"))
 MODEL = Path(os.environ.get("PAGEMESH_TEST_MODEL", ROOT.parent / "shared" / "models" / "stories260K"))
 
 
