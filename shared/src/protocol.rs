@@ -227,8 +227,7 @@ pub struct AbortRequest {
     pub request_id: String,
 }
 
-/// Internal (v1): an executor announces itself (request; the scheduler replies
-/// [`RegisterReply`]).
+/// Internal (v1): an executor announces itself; sent as its heartbeat, the first one registers it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecutorRegistration {
     /// Unique id of this executor instance.
@@ -241,16 +240,6 @@ pub struct ExecutorRegistration {
     pub num_device_blocks: usize,
     /// Host pool.
     pub num_host_blocks: usize,
-}
-
-/// Internal (v1): the scheduler's answer to a registration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RegisterReply {
-    /// Whether the executor was taken.
-    pub accepted: bool,
-    /// Why not, when it was not.
-    #[serde(default)]
-    pub reason: Option<String>,
 }
 
 /// Internal (v1): a heartbeat of an executor or detokenizer.
@@ -316,6 +305,35 @@ pub struct OpenRequest {
     pub stream: bool,
     /// Whether chunks carry logprobs.
     pub logprobs: bool,
+    /// Set when the stream moves from a lost detokenizer: what that one had already published.
+    #[serde(default)]
+    pub resume: Option<ResumePoint>,
+}
+
+/// Internal (v1): how far a request's stream had got on a lost detokenizer, so that another
+/// one continues it with no gap and no repeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// Index of the next chunk to publish.
+    pub next_index: u64,
+    /// Per sample, the tokens already covered by published chunks (to replay silently).
+    pub consumed: Vec<Vec<u32>>,
+    /// Per sample, whether its last chunk is out.
+    pub closed: Vec<bool>,
+}
+
+/// Internal (v1): a detokenizer's report, after publishing a request's chunks, of how far its
+/// stream has got (detokenizer → scheduler).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetokenizerAck {
+    /// The request's id.
+    pub request_id: String,
+    /// Index of the next chunk it would publish.
+    pub next_index: u64,
+    /// Per sample, tokens covered by published chunks.
+    pub consumed: Vec<usize>,
+    /// Per sample, whether its last chunk is out.
+    pub closed: Vec<bool>,
 }
 
 /// Internal (v1): one token of one sample.

@@ -59,11 +59,11 @@ impl Subjects {
     pub fn scheduler_abort(&self) -> String {
         format!("{}.v1.scheduler.abort", self.prefix)
     }
-    /// Internal: executor registration (request/reply).
-    pub fn executor_register(&self) -> String {
-        format!("{}.v1.executor.register", self.prefix)
+    /// Internal: detokenizers' progress reports.
+    pub fn detokenizer_ack(&self) -> String {
+        format!("{}.v1.scheduler.detokenizer_ack", self.prefix)
     }
-    /// Internal: executor heartbeats.
+    /// Internal: executor heartbeats (each carries its registration).
     pub fn executor_heartbeat(&self) -> String {
         format!("{}.v1.executor.heartbeat", self.prefix)
     }

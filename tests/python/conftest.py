@@ -91,7 +91,7 @@ class Mesh:
     """A mesh: `pagemesh serve` (gateway, tokenizer, scheduler, detokenizer and optionally
     executors) plus any extra service processes."""
 
-    def __init__(self, nats, prefix, serve_args=(), executors_in_process=1):
+    def __init__(self, nats, prefix, serve_args=(), executors_in_process=1, model=MODEL):
         self.nats = nats
         self.prefix = prefix
         self.port = free_port()
@@ -99,7 +99,7 @@ class Mesh:
         self.extra = []
         common = ["--nats-url", nats.url, "--subject-prefix", prefix]
         self.common = common
-        self.serve = Process(["serve", "--model", str(MODEL), "--host", "127.0.0.1", "--port", str(self.port),
+        self.serve = Process(["serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                               "--no-start-nats", "--num-executors", str(executors_in_process), *common,
                               *serve_args], f"serve-{prefix}")
         wait_for(lambda: http_json(self.base + "/health")[0] == 200, what="gateway")

@@ -57,3 +57,35 @@ def test_killing_an_executor_mid_stream_loses_nothing(nats):
         assert s["migrated_requests"] > 0, s
     finally:
         m.stop()
+
+
+def test_killing_the_detokenizer_of_a_stream_loses_nothing(nats):
+    m = Mesh(nats, "detokfail", serve_args=["--num-detokenizers", "0"])
+    try:
+        first = m.start("detokenizer", "--model", str(MODEL), "--detokenizer-id", "d1")
+        m.start("detokenizer", "--model", str(MODEL), "--detokenizer-id", "d2")
+
+        def two_detokenizers():
+            return m.stats()["detokenizers"] == 2
+        wait_for(two_detokenizers, 30, "two detokenizers")
+        m.wait_ready()
+
+        async def run_all():
+            return await asyncio.gather(*(generate_over_nats(nats.url, "detokfail", b, timeout=120) for b in bodies()))
+
+        fault_free = texts(asyncio.run(run_all()))
+
+        async def run_with_kill():
+            tasks = [asyncio.create_task(generate_over_nats(nats.url, "detokfail", b, timeout=120)) for b in bodies()]
+            await asyncio.sleep(0.5)
+            first.kill(9)
+            return await asyncio.gather(*tasks)
+
+        after_kill = asyncio.run(run_with_kill())
+        assert texts(after_kill) == fault_free
+        for chunks in after_kill:
+            assert len({c["index"] for c in chunks}) == len(chunks), "a chunk came twice"
+        wait_for(m.all_blocks_free, timeout=5, what="all blocks free")
+        assert m.stats()["detokenizers"] == 1
+    finally:
+        m.stop()

@@ -161,6 +161,41 @@ impl Bus {
     }
 }
 
+/// Publishes messages strictly in the order they are handed over (one task drains a queue),
+/// for senders whose messages to one subscriber must not overtake each other.
+#[derive(Clone)]
+pub struct OrderedPublisher {
+    queue: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+}
+
+impl OrderedPublisher {
+    /// Starts the draining task on the current runtime.
+    pub fn start(bus: &Bus) -> Self {
+        let (queue, mut receiver) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
+        let client = bus.client.clone();
+        actix_rt::spawn(async move {
+            while let Some((subject, payload)) = receiver.recv().await {
+                if let Err(e) = client.publish(subject.clone(), payload.into()).await {
+                    eprintln!("publish on {subject} failed: {e}");
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Queues a value, as JSON, for `subject`.
+    pub fn publish_json<T: Serialize>(&self, subject: String, value: &T) {
+        match serde_json::to_vec(value) {
+            Ok(payload) => {
+                if self.queue.send((subject, payload)).is_err() {
+                    eprintln!("the publisher has stopped");
+                }
+            }
+            Err(e) => eprintln!("cannot encode a message for {subject}: {e}"),
+        }
+    }
+}
+
 /// Decodes a JSON payload.
 pub fn decode<R: DeserializeOwned>(subject: &str, payload: &[u8]) -> Result<R, BusError> {
     serde_json::from_slice(payload)

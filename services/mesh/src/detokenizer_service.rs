@@ -9,7 +9,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures::StreamExt;
 use pagemesh_shared::protocol::{
-    AbortRequest, Chunk, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, TokenEvent, Usage,
+    AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, ResumePoint,
+    TokenEvent, Usage,
 };
 use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
@@ -51,6 +52,7 @@ struct Output {
     reply_to: String,
     chunks: Vec<Chunk>,
     abort: bool,
+    ack: DetokenizerAck,
 }
 
 impl RequestStream {
@@ -75,6 +77,47 @@ impl RequestStream {
 
     fn done(&self) -> bool {
         self.samples.iter().all(|s| s.finished.is_some())
+    }
+
+    /// Rebuilds the state a lost detokenizer had reached: replays the tokens its published
+    /// chunks covered without publishing, keeping only the text it still held back.
+    fn resume(&mut self, tokenizer: &TextTokenizer, point: &ResumePoint) {
+        for (i, tokens) in point.consumed.iter().enumerate() {
+            for &token in tokens {
+                let event = TokenEvent {
+                    sample_index: i as u32,
+                    token: Some(SampledToken { token, logprob: None, top_logprobs: Vec::new() }),
+                    finish: None,
+                };
+                self.apply(tokenizer, event);
+            }
+        }
+        for (i, s) in self.samples.iter_mut().enumerate() {
+            let release = releasable(&s.pending, s.finished.is_some(), self.max_stop_chars);
+            let released: String = s.pending.drain(..release).collect();
+            if self.open.stream {
+                s.new_ids.clear();
+                s.new_logprobs.clear();
+            } else {
+                s.text.push_str(&released);
+                s.ids.append(&mut s.new_ids);
+                s.logprobs.append(&mut s.new_logprobs);
+            }
+            if point.closed.get(i).copied().unwrap_or(false) {
+                s.closed = true;
+                s.finished.get_or_insert(FinishReason::Stop);
+            }
+        }
+        self.next_index = point.next_index;
+    }
+
+    fn ack(&self) -> DetokenizerAck {
+        DetokenizerAck {
+            request_id: self.open.request_id.clone(),
+            next_index: self.next_index,
+            consumed: self.samples.iter().map(|s| s.tokens).collect(),
+            closed: self.samples.iter().map(|s| s.closed).collect(),
+        }
     }
 
     /// Applies one token event; returns whether a stop string ended the sample.
@@ -227,7 +270,12 @@ impl DetokenizerService {
     fn handle_event(&mut self, event: DetokenizerEvent) -> Option<Output> {
         match event {
             DetokenizerEvent::Open(open) => {
-                self.streams.insert(open.request_id.clone(), RequestStream::new(open));
+                let resume = open.resume.clone();
+                let mut stream = RequestStream::new(open);
+                if let Some(point) = &resume {
+                    stream.resume(&self.tokenizer, point);
+                }
+                self.streams.insert(stream.open.request_id.clone(), stream);
                 None
             }
             DetokenizerEvent::Tokens { request_id, tokens } => {
@@ -240,10 +288,11 @@ impl DetokenizerService {
                 let done = stream.done();
                 let abort = abort && done;
                 let reply_to = stream.open.reply_to.clone();
+                let ack = stream.ack();
                 if done {
                     self.streams.remove(&request_id);
                 }
-                Some(Output { reply_to, chunks, abort })
+                Some(Output { reply_to, chunks, abort, ack })
             }
             DetokenizerEvent::Finish { request_id, reason, message } => {
                 let mut stream = self.streams.remove(&request_id)?;
@@ -256,7 +305,11 @@ impl DetokenizerService {
                         s.finished = Some(reason);
                     }
                 }
-                Some(Output { reply_to: stream.open.reply_to.clone(), chunks: stream.chunks(true), abort: false })
+                let chunks = stream.chunks(true);
+                for s in &mut stream.samples {
+                    s.closed = true;
+                }
+                Some(Output { reply_to: stream.open.reply_to.clone(), chunks, abort: false, ack: stream.ack() })
             }
         }
     }
@@ -328,11 +381,11 @@ impl StreamHandler<Incoming> for DetokenizerService {
                     }
                 }
                 if output.abort {
-                    if let Some(chunk) = output.chunks.first() {
-                        let abort = AbortRequest { request_id: chunk.request_id.clone() };
-                        let _ = bus.publish_json(bus.subjects.scheduler_abort(), &abort).await;
-                    }
+                    let abort = AbortRequest { request_id: output.ack.request_id.clone() };
+                    let _ = bus.publish_json(bus.subjects.scheduler_abort(), &abort).await;
                 }
+                // After the chunks: the scheduler learns how far the stream got.
+                let _ = bus.publish_json(bus.subjects.detokenizer_ack(), &output.ack).await;
             }
             .into_actor(self),
         );

@@ -177,6 +177,9 @@ pub struct ServeArgs {
     /// Executors to run in this process (0: run them with `pagemesh executor`).
     #[arg(long, default_value_t = 1)]
     num_executors: usize,
+    /// Detokenizers to run in this process (0: run them with `pagemesh detokenizer`).
+    #[arg(long, default_value_t = 1)]
+    num_detokenizers: usize,
     /// Never start a nats-server, even when none is reachable.
     #[arg(long)]
     no_start_nats: bool,
@@ -416,7 +419,9 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         let bus = connect(&args.nats, "pagemesh-serve").await?;
         SchedulerService::new(bus.clone(), config).start();
         tokenizer_service(bus.clone(), &args.engine.model, &name, args.engine.max_model_len)?.start();
-        DetokenizerService::new(bus.clone(), new_id(), detok_tokenizer).start();
+        for _ in 0..args.num_detokenizers {
+            DetokenizerService::new(bus.clone(), new_id(), detok_tokenizer.clone()).start();
+        }
         for _ in 0..args.num_executors {
             start_executor(bus.clone(), &args.engine, &name, None)?;
         }

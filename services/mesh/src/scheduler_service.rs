@@ -14,13 +14,14 @@ use actix::prelude::*;
 use futures::StreamExt;
 use pagemesh_scheduler::{AdmissionError, NewRequest, RequestEvent, Scheduler};
 use pagemesh_shared::protocol::{
-    AbortRequest, DetokenizerEvent, ErrorKind, ErrorReply, ExecutorRegistration, Heartbeat, OpenRequest, StepReply,
-    StepRequest, SubmitRequest, TokenEvent,
+    AbortRequest, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, ExecutorRegistration, Heartbeat,
+    OpenRequest, ResumePoint, StepReply, StepRequest, SubmitRequest, TokenEvent,
 };
+use pagemesh_shared::SampledToken;
 use pagemesh_shared::{EngineConfig, FinishReason, PreemptionMode};
 use serde_json::json;
 
-use crate::bus::{decode, Bus, BusError};
+use crate::bus::{decode, Bus, BusError, OrderedPublisher};
 
 /// Limits and timeouts of the scheduler service.
 #[derive(Debug, Clone)]
@@ -63,12 +64,22 @@ struct RequestState {
     core_id: u64,
     detokenizer: String,
     generated: Vec<Vec<u32>>,
-    finished: Vec<bool>,
+    finished: Vec<Option<FinishReason>>,
+    /// How far the detokenizer's published chunks got (from its acks).
+    acked: DetokenizerAck,
+}
+
+impl RequestState {
+    fn all_finished(&self) -> bool {
+        self.finished.iter().all(Option::is_some)
+    }
 }
 
 /// The scheduler service.
 pub struct SchedulerService {
     bus: Bus,
+    /// Every message but step requests goes out through it, in order.
+    outbox: Option<OrderedPublisher>,
     config: SchedulerConfig,
     executors: BTreeMap<String, ExecutorSlot>,
     detokenizers: BTreeMap<String, Instant>,
@@ -89,6 +100,7 @@ enum Incoming {
     PublicAbort(async_nats::Message),
     ExecutorBeat(async_nats::Message),
     DetokenizerBeat(async_nats::Message),
+    DetokenizerAck(async_nats::Message),
     Stats(async_nats::Message),
     Health(async_nats::Message),
 }
@@ -106,6 +118,7 @@ impl SchedulerService {
     pub fn new(bus: Bus, config: SchedulerConfig) -> Self {
         Self {
             bus,
+            outbox: None,
             config,
             executors: BTreeMap::new(),
             detokenizers: BTreeMap::new(),
@@ -119,19 +132,20 @@ impl SchedulerService {
         }
     }
 
-    fn publish<T: serde::Serialize + 'static>(&self, ctx: &mut Context<Self>, subject: String, value: T) {
-        let bus = self.bus.clone();
-        ctx.spawn(
-            async move {
-                if let Err(e) = bus.publish_json(subject, &value).await {
-                    eprintln!("scheduler: publish failed: {e}");
-                }
-            }
-            .into_actor(self),
-        );
+    /// Publishes in order: what is published to one subscriber arrives in the order sent.
+    fn publish<T: serde::Serialize + 'static>(&mut self, _ctx: &mut Context<Self>, subject: String, value: T) {
+        let bus = &self.bus;
+        self.outbox.get_or_insert_with(|| OrderedPublisher::start(bus)).publish_json(subject, &value);
     }
 
-    fn reply_error(&self, ctx: &mut Context<Self>, reply_to: &str, request_id: &str, kind: ErrorKind, message: String) {
+    fn reply_error(
+        &mut self,
+        ctx: &mut Context<Self>,
+        reply_to: &str,
+        request_id: &str,
+        kind: ErrorKind,
+        message: String,
+    ) {
         self.publish(ctx, reply_to.to_string(), ErrorReply::new(Some(request_id.to_string()), kind, message));
     }
 
@@ -175,13 +189,20 @@ impl SchedulerService {
 
     fn new_state(&self, submit: SubmitRequest) -> RequestState {
         let n = submit.params.n;
+        let acked = DetokenizerAck {
+            request_id: submit.request_id.clone(),
+            next_index: 0,
+            consumed: vec![0; n],
+            closed: vec![false; n],
+        };
         RequestState {
             submit,
             executor: None,
             core_id: 0,
             detokenizer: String::new(),
             generated: vec![Vec::new(); n],
-            finished: vec![false; n],
+            finished: vec![None; n],
+            acked,
         }
     }
 
@@ -244,6 +265,7 @@ impl SchedulerService {
                 stop: state.submit.stop.clone(),
                 stream: state.submit.stream,
                 logprobs: state.submit.params.logprobs.is_some(),
+                resume: None,
             };
             let subject = self.bus.subjects.detokenizer_events(&detokenizer);
             self.publish(ctx, subject, DetokenizerEvent::Open(open));
@@ -313,7 +335,7 @@ impl SchedulerService {
             }
             if event.finish.is_some() {
                 if let Some(f) = state.finished.get_mut(sample) {
-                    *f = true;
+                    *f = event.finish;
                 }
             }
             let token_event = TokenEvent { sample_index: event.sample_index, token: event.token, finish: event.finish };
@@ -325,10 +347,15 @@ impl SchedulerService {
         for (request_id, tokens) in batches {
             let Some(state) = self.requests.get(&request_id) else { continue };
             let subject = self.bus.subjects.detokenizer_events(&state.detokenizer);
-            if state.finished.iter().all(|f| *f) {
-                if let Some(state) = self.requests.remove(&request_id) {
-                    self.by_core.remove(&state.core_id);
+            if state.all_finished() {
+                // Done on the executor; the state stays until the detokenizer's last chunk is
+                // out (its ack), so that a lost detokenizer's stream can still be finished.
+                let core_id = state.core_id;
+                self.by_core.remove(&core_id);
+                if let Some(state) = self.requests.get_mut(&request_id) {
+                    state.executor = None;
                 }
+                self.release_if_done(&request_id);
             }
             self.publish(ctx, subject, DetokenizerEvent::Tokens { request_id, tokens });
         }
@@ -393,11 +420,82 @@ impl SchedulerService {
                     self.drive(&executor, ctx);
                 }
             }
-            None => {
+            None if !state.all_finished() => {
+                // Waiting for an executor: it ends here.
                 self.unplaced.retain(|(id, _)| id != request_id);
-                if let Some(state) = self.requests.remove(request_id) {
-                    let _ = state;
+                self.fail(ctx, request_id, "aborted");
+            }
+            None => {}
+        }
+    }
+
+    fn on_ack(&mut self, ack: DetokenizerAck) {
+        let id = ack.request_id.clone();
+        let Some(state) = self.requests.get_mut(&id) else { return };
+        if ack.next_index >= state.acked.next_index {
+            state.acked = ack;
+        }
+        self.release_if_done(&id);
+    }
+
+    /// Forgets a request once the executor is done with it and its last chunk is out.
+    fn release_if_done(&mut self, request_id: &str) {
+        let done = self
+            .requests
+            .get(request_id)
+            .is_some_and(|s| s.executor.is_none() && s.all_finished() && s.acked.closed.iter().all(|c| *c));
+        if done {
+            self.requests.remove(request_id);
+        }
+    }
+
+    /// Moves the streams of a lost detokenizer to another one, from where their published
+    /// chunks had got.
+    fn lose_detokenizer(&mut self, lost: &str, ctx: &mut Context<Self>) {
+        let moved: Vec<String> =
+            self.requests.iter().filter(|(_, s)| s.detokenizer == lost).map(|(id, _)| id.clone()).collect();
+        for id in moved {
+            if self.detokenizers.is_empty() {
+                self.fail(ctx, &id, "the detokenizer serving this request was lost and no other is running");
+                continue;
+            }
+            let target = self.pick_detokenizer();
+            let Some(state) = self.requests.get_mut(&id) else { continue };
+            state.detokenizer = target.clone();
+            let acked = &state.acked;
+            let consumed: Vec<Vec<u32>> =
+                state.generated.iter().zip(&acked.consumed).map(|(g, &n)| g[..n.min(g.len())].to_vec()).collect();
+            let open = OpenRequest {
+                request_id: id.clone(),
+                reply_to: state.submit.reply_to.clone(),
+                prompt_token_ids: state.submit.prompt_token_ids.clone(),
+                n: state.submit.params.n,
+                stop: state.submit.stop.clone(),
+                stream: state.submit.stream,
+                logprobs: state.submit.params.logprobs.is_some(),
+                resume: Some(ResumePoint { next_index: acked.next_index, consumed, closed: acked.closed.clone() }),
+            };
+            let mut tokens = Vec::new();
+            for (i, generated) in state.generated.iter().enumerate() {
+                let from = acked.consumed.get(i).copied().unwrap_or(0).min(generated.len());
+                let rest = &generated[from..];
+                for (k, &token) in rest.iter().enumerate() {
+                    let last = k + 1 == rest.len();
+                    tokens.push(TokenEvent {
+                        sample_index: i as u32,
+                        token: Some(SampledToken { token, logprob: None, top_logprobs: Vec::new() }),
+                        finish: if last { state.finished[i] } else { None },
+                    });
                 }
+                if rest.is_empty() && state.finished[i].is_some() && !acked.closed.get(i).copied().unwrap_or(false) {
+                    tokens.push(TokenEvent { sample_index: i as u32, token: None, finish: state.finished[i] });
+                }
+            }
+            let subject = self.bus.subjects.detokenizer_events(&target);
+            eprintln!("scheduler: stream of {id} moves to detokenizer {target}");
+            self.publish(ctx, subject.clone(), DetokenizerEvent::Open(open));
+            if !tokens.is_empty() {
+                self.publish(ctx, subject, DetokenizerEvent::Tokens { request_id: id, tokens });
             }
         }
     }
@@ -455,13 +553,13 @@ impl SchedulerService {
         }
         let quarantine = 2 * timeout;
         self.lost.retain(|_, at| now - *at < quarantine);
-        self.detokenizers.retain(|id, seen| {
-            let alive = now - *seen <= timeout;
-            if !alive {
-                eprintln!("scheduler: detokenizer {id} is gone");
-            }
-            alive
-        });
+        let gone: Vec<String> =
+            self.detokenizers.iter().filter(|(_, seen)| now - **seen > timeout).map(|(id, _)| id.clone()).collect();
+        for id in gone {
+            eprintln!("scheduler: detokenizer {id} is gone; moving its streams");
+            self.detokenizers.remove(&id);
+            self.lose_detokenizer(&id, ctx);
+        }
         let expired: Vec<String> = self
             .unplaced
             .iter()
@@ -505,6 +603,7 @@ impl Actor for SchedulerService {
                     client.subscribe(s.abort()).await?.map(Incoming::PublicAbort).boxed(),
                     client.subscribe(s.executor_heartbeat()).await?.map(Incoming::ExecutorBeat).boxed(),
                     client.subscribe(s.detokenizer_heartbeat()).await?.map(Incoming::DetokenizerBeat).boxed(),
+                    client.subscribe(s.detokenizer_ack()).await?.map(Incoming::DetokenizerAck).boxed(),
                     client.subscribe(s.stats()).await?.map(Incoming::Stats).boxed(),
                     client.subscribe(s.health()).await?.map(Incoming::Health).boxed(),
                 ];
@@ -563,6 +662,11 @@ impl StreamHandler<Incoming> for SchedulerService {
                         eprintln!("scheduler: detokenizer {} registered", beat.id);
                         self.place_unplaced(ctx);
                     }
+                }
+            }
+            Incoming::DetokenizerAck(msg) => {
+                if let Ok(ack) = decode::<DetokenizerAck>(msg.subject.as_str(), &msg.payload) {
+                    self.on_ack(ack);
                 }
             }
             Incoming::Stats(msg) => {

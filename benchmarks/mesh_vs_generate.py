@@ -1,0 +1,113 @@
+"""Throughput of the same work through the mesh (HTTP → gateway → NATS → services) and through
+`pagemesh generate` (in process), measured in one run.
+
+    python3 benchmarks/mesh_vs_generate.py --model /tmp/llama-110m-bf16 [--requests 32] [--max-tokens 64]
+
+Needs the `openai` package and nats-server on PATH; starts `pagemesh serve` itself (binary from
+$PAGEMESH_BIN, else target/release/pagemesh). Work: N requests of 64-token prompts (distinct
+token ids), greedy, `ignore_eos`, all submitted at once (N concurrent HTTP requests).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = os.environ.get("PAGEMESH_BIN", str(ROOT / "target" / "release" / "pagemesh"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n, length, vocab=32000):
+    return [[3 + (i * 7919 + r * 104729 + r * r) % (vocab - 3) for i in range(length)] for r in range(n)]
+
+
+def run_generate(model, work, max_tokens, threads):
+    with tempfile.TemporaryDirectory() as d:
+        inp, out = Path(d) / "in.jsonl", Path(d) / "out.jsonl"
+        inp.write_text("".join(json.dumps({"prompt_token_ids": p, "max_tokens": max_tokens, "temperature": 0,
+                                           "ignore_eos": True}) + "\n" for p in work))
+        done = subprocess.run([BIN, "generate", "--model", model, "--input", str(inp), "--output", str(out),
+                               "--threads", str(threads)], check=True, stderr=subprocess.PIPE, text=True)
+        stats = json.loads([l for l in done.stderr.splitlines() if l.startswith("{")][-1])
+        elapsed = stats["elapsed_s"]  # from the first submission to the last token, model load excluded
+        tokens = sum(len(json.loads(l)["outputs"][0]["token_ids"]) for l in out.read_text().splitlines())
+    return tokens, elapsed
+
+
+async def run_mesh_requests(base, work, max_tokens):
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", timeout=600)
+
+    async def one(p):
+        r = await client.completions.create(model=Path(ARGS.model).name, prompt=p, max_tokens=max_tokens,
+                                            temperature=0, extra_body={"ignore_eos": True})
+        return r.usage.completion_tokens
+
+    started = time.time()
+    counts = await asyncio.gather(*(one(p) for p in work))
+    return sum(counts), time.time() - started
+
+
+def run_mesh(model, work, max_tokens, threads):
+    nats_port, http_port = free_port(), free_port()
+    nats = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen([BIN, "serve", "--model", model, "--host", "127.0.0.1", "--port", str(http_port),
+                              "--nats-url", f"nats://127.0.0.1:{nats_port}", "--no-start-nats",
+                              "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        asyncio.run(run_mesh_requests(base, work[:2], 4))  # warm up
+        return asyncio.run(run_mesh_requests(base, work, max_tokens))
+    finally:
+        serve.terminate()
+        serve.wait()
+        nats.terminate()
+        nats.wait()
+
+
+def main():
+    global ARGS
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    ARGS = parser.parse_args()
+    work = prompts(ARGS.requests, ARGS.prompt_len)
+    g_tokens, g_s = run_generate(ARGS.model, work, ARGS.max_tokens, ARGS.threads)
+    m_tokens, m_s = run_mesh(ARGS.model, [p for p in prompts(ARGS.requests, ARGS.prompt_len)], ARGS.max_tokens,
+                             ARGS.threads)
+    result = {"requests": ARGS.requests, "generate_tokens": g_tokens, "generate_s": g_s,
+              "generate_tok_per_s": g_tokens / g_s, "mesh_tokens": m_tokens, "mesh_s": m_s,
+              "mesh_tok_per_s": m_tokens / m_s, "mesh_cost": 1 - (m_tokens / m_s) / (g_tokens / g_s)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
