@@ -66,6 +66,12 @@ def run_mesh(model, work, max_tokens, threads):
     nats_port, http_port = free_port(), free_port()
     nats = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", nats_port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
     serve = subprocess.Popen([BIN, "serve", "--model", model, "--host", "127.0.0.1", "--port", str(http_port),
                               "--nats-url", f"nats://127.0.0.1:{nats_port}", "--no-start-nats",
                               "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
