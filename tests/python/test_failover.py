@@ -89,3 +89,26 @@ def test_killing_the_detokenizer_of_a_stream_loses_nothing(nats):
         assert m.stats()["detokenizers"] == 1
     finally:
         m.stop()
+
+
+def test_the_mesh_survives_a_nats_restart():
+    from conftest import NatsServer, http_json
+    own = NatsServer()
+    m = Mesh(own, "reconnect")
+    try:
+        m.wait_ready()
+        body = {"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+        status, before = http_json(m.base + "/v1/completions", body)
+        assert status == 200
+        own.proc.terminate()
+        own.proc.wait(timeout=10)
+        import subprocess
+        own.proc = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(own.port)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        m.wait_ready(timeout=60)
+        status, after = http_json(m.base + "/v1/completions", body)
+        assert status == 200, after
+        assert after["choices"][0]["text"] == before["choices"][0]["text"]
+    finally:
+        m.stop()
+        own.stop()
