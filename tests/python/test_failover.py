@@ -1,6 +1,7 @@
 """Failover: with two executors, requests land on both; `kill -9` of one mid-stream and every
-request still completes with text identical to a fault-free run, and the survivor's pool is
-all free after the drain."""
+request still completes with text identical to a fault-free run, and the
+survivor's pool is all free after the drain. The same for a detokenizer, and for a restart of
+the NATS server."""
 
 import asyncio
 
@@ -12,7 +13,11 @@ PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park"
 
 
 def bodies():
-    return [{"prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0, "max_tokens": 450, "ignore_eos": True}
+    # Greedy (a re-prefill is not bit-identical to the decode steps it replaces, so only greedy
+    # output is certain to be identical), half of them with a frequency penalty: a moved request
+    # must still count its earlier tokens as output.
+    return [{"prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0, "frequency_penalty": 0.5 if i % 2 else 0,
+             "max_tokens": 450, "ignore_eos": True}
             for i in range(24)]
 
 

@@ -123,6 +123,7 @@ impl Engine {
             prompt_token_ids: prompt_token_ids.clone(),
             params,
             seed,
+            resumed_output: Vec::new(),
         })?;
         self.next_request_id += 1;
         self.pending.insert(

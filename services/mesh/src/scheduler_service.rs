@@ -224,16 +224,16 @@ impl SchedulerService {
             let _ = reply;
             return;
         }
-        let mut prompt = submit.prompt_token_ids.clone();
-        let mut params = submit.params.clone();
-        if resumed {
-            prompt.extend(&state.generated[0]);
-            params.max_tokens -= done;
-            params.min_tokens = params.min_tokens.saturating_sub(done);
-        }
+        let resumed_output = if resumed { state.generated[0].clone() } else { Vec::new() };
         let core_id = self.next_core_id;
         self.next_core_id += 1;
-        let new = NewRequest { request_id: core_id, prompt_token_ids: prompt, params, seed: submit.seed };
+        let new = NewRequest {
+            request_id: core_id,
+            prompt_token_ids: submit.prompt_token_ids.clone(),
+            params: submit.params.clone(),
+            seed: submit.seed,
+            resumed_output,
+        };
         let Some(slot) = self.executors.get_mut(&target) else { return };
         if let Err(e) = slot.core.add_request(new) {
             let kind = match e {

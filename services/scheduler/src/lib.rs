@@ -45,7 +45,7 @@
 //!
 //! let mut sched = Scheduler::new(EngineConfig::default(), vec![2]);
 //! let params = SamplingParams::greedy(4);
-//! sched.add_request(NewRequest { request_id: 1, prompt_token_ids: vec![5, 6, 7], params, seed: 0 })?;
+//! sched.add_request(NewRequest { request_id: 1, prompt_token_ids: vec![5, 6, 7], params, seed: 0, resumed_output: vec![] })?;
 //! let mut tokens = Vec::new();
 //! while sched.has_unfinished_requests() {
 //!     if let Some(plan) = sched.schedule() {

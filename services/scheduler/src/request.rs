@@ -14,6 +14,11 @@ pub struct NewRequest {
     pub params: SamplingParams,
     /// The resolved seed of the request's random stream (passed to the executor).
     pub seed: u64,
+    /// Tokens its (single) sample already generated elsewhere — a request moved from a lost
+    /// executor. They are re-prefilled after the prompt and count as output, so sampling goes
+    /// on exactly where it stopped (same random stream position, penalties, `max_tokens`).
+    /// Empty for a new request; only allowed with `n == 1`.
+    pub resumed_output: Vec<u32>,
 }
 
 /// Something that happened to one sample of a request.

@@ -278,7 +278,13 @@ impl Harness {
     ) -> Result<(), AdmissionError> {
         let n = params.n;
         let (prompt_len, max_tokens) = (prompt.len(), params.max_tokens);
-        let r = self.sched.add_request(NewRequest { request_id, prompt_token_ids: prompt, params, seed: request_id });
+        let r = self.sched.add_request(NewRequest {
+            request_id,
+            prompt_token_ids: prompt,
+            params,
+            seed: request_id,
+            resumed_output: Vec::new(),
+        });
         if r.is_ok() {
             self.accepted.push(request_id);
             self.unscheduled.insert(request_id);

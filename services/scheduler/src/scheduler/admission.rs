@@ -30,7 +30,7 @@ impl Scheduler {
             stop_tokens: stop_tokens(&req.params, &self.eos_token_ids),
             params: req.params,
             seed: req.seed,
-            seqs: vec![Sequence::new(seq_id, 0, req.prompt_token_ids)],
+            seqs: vec![Sequence::new(seq_id, 0, [req.prompt_token_ids, req.resumed_output].concat())],
             forked: false,
             state: GroupState::Waiting,
             num_live: 1,
@@ -43,6 +43,11 @@ impl Scheduler {
     }
 
     fn check_admission(&self, req: &NewRequest) -> Result<(), AdmissionError> {
+        if !req.resumed_output.is_empty() && (req.params.n != 1 || req.resumed_output.len() >= req.params.max_tokens) {
+            return Err(AdmissionError::Invalid(
+                "a resumed request needs n = 1 and fewer resumed tokens than max_tokens".into(),
+            ));
+        }
         let cfg = &self.config;
         let prompt_len = req.prompt_token_ids.len();
         if prompt_len == 0 {

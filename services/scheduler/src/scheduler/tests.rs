@@ -42,7 +42,7 @@ fn seq_ids(plan: &StepPlan) -> Vec<u64> {
 }
 
 fn new_req(request_id: u64, prompt: Vec<u32>, params: SamplingParams) -> NewRequest {
-    NewRequest { request_id, prompt_token_ids: prompt, params, seed: request_id }
+    NewRequest { request_id, prompt_token_ids: prompt, params, seed: request_id, resumed_output: Vec::new() }
 }
 
 /// Answers `plan`, choosing each sample's token with `f(seq, sample offset)`.
@@ -533,4 +533,41 @@ fn a_large_workload_drains_with_full_batches() {
     assert!(s.stats().prefix_cache_hit_tokens > 0);
     assert!(tokens >= work / 2);
     assert!(elapsed.as_secs_f64() < 10.0, "{steps} steps took {elapsed:?}");
+}
+
+#[test]
+fn a_resumed_request_continues_where_its_sample_stopped() {
+    // The executor's token depends only on (seed, sample, output position), as seeded sampling does.
+    let token_of = |s: &ScheduledSeq, i: u32| {
+        let spec = s.sample.as_ref().expect("a sampling step");
+        3 + ((spec.seed as usize * 31 + spec.output_len * 7 + (spec.sample_index + i) as usize) % 400) as u32
+    };
+    let run = |req: NewRequest| -> (Vec<u32>, Vec<usize>) {
+        let mut s = Scheduler::new(config(4, 64, 0, 8, 64), vec![0]);
+        s.add_request(req).expect("admitted");
+        let (mut tokens, mut first_output_lens) = (Vec::new(), Vec::new());
+        while s.has_unfinished_requests() {
+            let plan = s.schedule().expect("progress");
+            for seq in plan.seqs.iter().filter_map(|q| q.sample.as_ref()) {
+                first_output_lens.push(seq.output_len);
+            }
+            for e in s.process_output(&respond(&plan, token_of)) {
+                tokens.extend(e.token.map(|t| t.token));
+            }
+            check(&s);
+        }
+        (tokens, first_output_lens)
+    };
+    let whole = run(new_req(7, prompt(1, 6), params(20))).0;
+    assert_eq!(whole.len(), 20);
+    let resumed = NewRequest { resumed_output: whole[..8].to_vec(), ..new_req(7, prompt(1, 6), params(20)) };
+    let (rest, output_lens) = run(resumed);
+    assert_eq!(output_lens[0], 8, "sampling resumes at output position 8");
+    assert_eq!(rest, whole[8..], "the rest of the sample is the same");
+    let mut bad = new_req(8, prompt(1, 6), SamplingParams { n: 2, ..params(20) });
+    bad.resumed_output = vec![5];
+    assert!(matches!(
+        Scheduler::new(config(4, 64, 0, 8, 64), vec![0]).add_request(bad),
+        Err(AdmissionError::Invalid(_))
+    ));
 }
