@@ -73,6 +73,20 @@ impl RequestState {
     fn all_finished(&self) -> bool {
         self.finished.iter().all(Option::is_some)
     }
+
+    /// What a detokenizer needs to open (or, with `resume`, take over) this request's stream.
+    fn open_request(&self, resume: Option<ResumePoint>) -> OpenRequest {
+        OpenRequest {
+            request_id: self.submit.request_id.clone(),
+            reply_to: self.submit.reply_to.clone(),
+            prompt_token_ids: self.submit.prompt_token_ids.clone(),
+            n: self.submit.params.n,
+            stop: self.submit.stop.clone(),
+            stream: self.submit.stream,
+            logprobs: self.submit.params.logprobs.is_some(),
+            resume,
+        }
+    }
 }
 
 /// The scheduler service.
@@ -206,22 +220,28 @@ impl SchedulerService {
         }
     }
 
-    /// Puts a request (new, or moved from a lost executor) on the executor with the most free
-    /// blocks, and opens its stream on a detokenizer if it has none.
+    /// Puts a request (new, or moved from a lost executor) on the executor whose prefix cache
+    /// holds most of its prompt, then with the most free blocks, and opens its stream on a
+    /// detokenizer if it has none.
     fn place(&mut self, request_id: &str, ctx: &mut Context<Self>) {
-        let Some(target) =
-            self.executors.iter().max_by_key(|(_, slot)| slot.core.block_usage().device_free).map(|(id, _)| id.clone())
+        let Some(state) = self.requests.get(request_id) else { return };
+        let prompt = &state.submit.prompt_token_ids;
+        let Some(target) = self
+            .executors
+            .iter()
+            .max_by_key(|(_, slot)| {
+                (slot.core.block_manager().cached_prefix_blocks(prompt), slot.core.block_usage().device_free)
+            })
+            .map(|(id, _)| id.clone())
         else {
             return;
         };
-        let Some(state) = self.requests.get(request_id) else { return };
         let submit = &state.submit;
         let done: usize = state.generated.first().map_or(0, Vec::len);
         let resumed = done > 0;
         if resumed && submit.params.n > 1 {
-            let (reply, id) = (submit.reply_to.clone(), submit.request_id.clone());
+            let id = submit.request_id.clone();
             self.fail(ctx, &id, "the executor serving this request was lost and a request with n > 1 cannot move");
-            let _ = reply;
             return;
         }
         let resumed_output = if resumed { state.generated[0].clone() } else { Vec::new() };
@@ -257,16 +277,7 @@ impl SchedulerService {
         state.core_id = core_id;
         if needs_detokenizer {
             state.detokenizer = detokenizer.clone();
-            let open = OpenRequest {
-                request_id: request_id.to_string(),
-                reply_to: state.submit.reply_to.clone(),
-                prompt_token_ids: state.submit.prompt_token_ids.clone(),
-                n: state.submit.params.n,
-                stop: state.submit.stop.clone(),
-                stream: state.submit.stream,
-                logprobs: state.submit.params.logprobs.is_some(),
-                resume: None,
-            };
+            let open = state.open_request(None);
             let subject = self.bus.subjects.detokenizer_events(&detokenizer);
             self.publish(ctx, subject, DetokenizerEvent::Open(open));
         }
@@ -465,16 +476,11 @@ impl SchedulerService {
             let acked = &state.acked;
             let consumed: Vec<Vec<u32>> =
                 state.generated.iter().zip(&acked.consumed).map(|(g, &n)| g[..n.min(g.len())].to_vec()).collect();
-            let open = OpenRequest {
-                request_id: id.clone(),
-                reply_to: state.submit.reply_to.clone(),
-                prompt_token_ids: state.submit.prompt_token_ids.clone(),
-                n: state.submit.params.n,
-                stop: state.submit.stop.clone(),
-                stream: state.submit.stream,
-                logprobs: state.submit.params.logprobs.is_some(),
-                resume: Some(ResumePoint { next_index: acked.next_index, consumed, closed: acked.closed.clone() }),
-            };
+            let open = state.open_request(Some(ResumePoint {
+                next_index: acked.next_index,
+                consumed,
+                closed: acked.closed.clone(),
+            }));
             let mut tokens = Vec::new();
             for (i, generated) in state.generated.iter().enumerate() {
                 let from = acked.consumed.get(i).copied().unwrap_or(0).min(generated.len());

@@ -223,6 +223,15 @@ impl BlockManager {
         hashes
     }
 
+    /// Leading full blocks of `tokens` that [`allocate`](Self::allocate) would find in the
+    /// prefix cache now (0 with caching off).
+    pub fn cached_prefix_blocks(&self, tokens: &[u32]) -> usize {
+        if self.cacheable_blocks(tokens.len()) == 0 {
+            return 0;
+        }
+        self.probe(&self.prefix_hashes(tokens)).0.len()
+    }
+
     /// Free device blocks [`allocate`](Self::allocate) would consume for `tokens` now
     /// (new blocks plus evictable cache hits).
     pub fn allocation_cost(&self, tokens: &[u32]) -> usize {

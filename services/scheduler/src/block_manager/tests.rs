@@ -277,3 +277,18 @@ fn swapped_in_blocks_are_registered_again_once_computed() {
     assert_eq!(bm.allocate(3, &t), Ok(2));
     check(&bm);
 }
+
+#[test]
+fn cached_prefix_blocks_counts_what_allocate_would_share() {
+    let mut bm = BlockManager::new(4, 16, 0, true);
+    let prompt: Vec<u32> = (1..=10).collect();
+    assert_eq!(bm.cached_prefix_blocks(&prompt), 0);
+    bm.allocate(1, &prompt).expect("room");
+    bm.mark_computed(1, &prompt, prompt.len());
+    // Blocks [1..4] and [5..8] are full and cached; the block of the last token never counts.
+    assert_eq!(bm.cached_prefix_blocks(&prompt), 2);
+    let other: Vec<u32> = (1..=4).chain(100..106).collect();
+    assert_eq!(bm.cached_prefix_blocks(&other), 1);
+    let hits = bm.allocate(2, &other).expect("room");
+    assert_eq!(hits, 4, "allocate shares the one block counted");
+}
