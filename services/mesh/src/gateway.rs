@@ -396,8 +396,11 @@ async fn generate(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes,
         let is_chat = matches!(endpoint, Endpoint::Chat);
         let head = futures::stream::iter(std::iter::once(Ok::<_, ErrorReply>(first)));
         let mut role_sent = vec![false; n];
+        // The guard lives as long as the response body: a client that goes away drops it armed.
         let events = head.chain(chunks).map(move |item| -> Result<Bytes, actix_web::Error> {
-            let _keep_guard_alive = &guard;
+            // Borrowing the whole guard makes the closure own it (not just its field).
+            let guard = &mut guard;
+            guard.armed = !matches!(&item, Ok(c) if c.done) && item.is_ok();
             let mut out = String::new();
             match item {
                 Ok(chunk) => {
