@@ -12,6 +12,7 @@ use actix_web::{web, App, HttpServer};
 use clap::Args;
 use pagemesh_executor::ModelConfig;
 use pagemesh_shared::protocol::ExecutorRegistration;
+use pagemesh_shared::EngineConfig;
 use pagemesh_tokenizer::TextTokenizer;
 
 use crate::bus::{new_id, Bus, NatsOptions};
@@ -215,13 +216,7 @@ fn scheduler_config(engine: &EngineArgs, limits: &SchedulerLimits, model: &str) 
     Ok(SchedulerConfig {
         model: model.to_string(),
         eos_token_ids: eos_token_ids(&engine.model, &config.eos_token_ids)?,
-        max_model_len: engine_config.max_model_len,
-        max_num_seqs: engine_config.max_num_seqs,
-        max_num_batched_tokens: engine_config.max_num_batched_tokens,
-        preemption_mode: engine_config.preemption_mode,
-        enable_prefix_caching: engine_config.enable_prefix_caching,
-        max_waiting_requests: engine_config.max_waiting_requests,
-        max_waiting_tokens: limits.max_waiting_tokens,
+        engine: EngineConfig { max_waiting_tokens: limits.max_waiting_tokens, ..engine_config },
         heartbeat_timeout: Duration::from_millis(limits.heartbeat_timeout_ms),
         step_timeout: Duration::from_secs(limits.step_timeout_s),
         unplaced_timeout: Duration::from_secs(limits.unplaced_timeout_s),

@@ -18,7 +18,7 @@ use pagemesh_shared::protocol::{
     OpenRequest, ResumePoint, StepReply, StepRequest, SubmitRequest, TokenEvent,
 };
 use pagemesh_shared::SampledToken;
-use pagemesh_shared::{EngineConfig, FinishReason, PreemptionMode};
+use pagemesh_shared::{EngineConfig, FinishReason};
 use serde_json::json;
 
 use crate::bus::{decode, Bus, BusError, OrderedPublisher};
@@ -30,25 +30,14 @@ pub struct SchedulerConfig {
     pub model: String,
     /// Tokens that end a sample.
     pub eos_token_ids: Vec<u32>,
-    /// Longest sequence.
-    pub max_model_len: usize,
-    /// Most sequences per step.
-    pub max_num_seqs: usize,
-    /// Most tokens per step.
-    pub max_num_batched_tokens: usize,
-    /// What preemption does.
-    pub preemption_mode: PreemptionMode,
-    /// Automatic prefix caching.
-    pub enable_prefix_caching: bool,
-    /// Most waiting requests per executor, and most requests waiting for an executor.
-    pub max_waiting_requests: usize,
-    /// Most waiting prompt tokens per executor.
-    pub max_waiting_tokens: usize,
+    /// Batching limits, queue bounds, preemption mode and prefix caching for every executor;
+    /// the block size and pool sizes are replaced by each executor's own.
+    pub engine: EngineConfig,
     /// An executor or detokenizer silent this long is gone.
     pub heartbeat_timeout: Duration,
     /// Longest a step may take.
     pub step_timeout: Duration,
-    /// Longest a request waits for an executor when none is there.
+    /// Longest a request waits for an executor when there is none.
     pub unplaced_timeout: Duration,
 }
 
@@ -168,13 +157,7 @@ impl SchedulerService {
             block_size: registration.block_size,
             num_device_blocks: registration.num_device_blocks,
             num_host_blocks: registration.num_host_blocks,
-            max_num_seqs: self.config.max_num_seqs,
-            max_num_batched_tokens: self.config.max_num_batched_tokens,
-            preemption_mode: self.config.preemption_mode,
-            enable_prefix_caching: self.config.enable_prefix_caching,
-            max_waiting_requests: self.config.max_waiting_requests,
-            max_waiting_tokens: self.config.max_waiting_tokens,
-            max_model_len: self.config.max_model_len,
+            ..self.config.engine.clone()
         }
     }
 
@@ -185,7 +168,7 @@ impl SchedulerService {
             return;
         }
         if self.executors.is_empty() || self.detokenizers.is_empty() {
-            if self.unplaced.len() >= self.config.max_waiting_requests {
+            if self.unplaced.len() >= self.config.engine.max_waiting_requests {
                 let message = "the server is overloaded: too many requests are waiting for an executor".to_string();
                 self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::Overloaded, message);
                 return;
