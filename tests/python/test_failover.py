@@ -1,7 +1,7 @@
 """Failover: with two executors, requests land on both; `kill -9` of one mid-stream and every
 request still completes with text identical to a fault-free run, and the
 survivor's pool is all free after the drain. The same for a detokenizer, and for a restart of
-the NATS server."""
+the NATS server. With no executor, requests wait (bounded) and then fail clearly."""
 
 import asyncio
 
@@ -117,3 +117,23 @@ def test_the_mesh_survives_a_nats_restart():
     finally:
         m.stop()
         own.stop()
+
+
+def test_without_executors_requests_wait_then_fail_or_run_when_one_comes(nats):
+    m = Mesh(nats, "noexec", serve_args=["--unplaced-timeout-s", "4"], executors_in_process=0)
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0}
+        result = asyncio.run(generate_over_nats(nats.url, "noexec", body, timeout=30))
+        assert result["error"]["kind"] == "unavailable", result
+
+        async def late_executor():
+            task = asyncio.create_task(generate_over_nats(nats.url, "noexec", body, timeout=60))
+            await asyncio.sleep(0.5)
+            m.start("executor", "--model", str(MODEL), "--threads", "1")
+            return await task
+
+        chunks = asyncio.run(late_executor())
+        assert isinstance(chunks, list) and chunks[-1]["done"], chunks
+        assert "".join(c["text"] for c in chunks).startswith(", there was")
+    finally:
+        m.stop()

@@ -208,6 +208,11 @@ impl SchedulerService {
     /// detokenizer if it has none.
     fn place(&mut self, request_id: &str, ctx: &mut Context<Self>) {
         let Some(state) = self.requests.get(request_id) else { return };
+        if state.detokenizer.is_empty() && self.detokenizers.is_empty() {
+            // Nowhere to stream yet: wait like a request with no executor.
+            self.unplaced.push_back((request_id.to_string(), Instant::now()));
+            return;
+        }
         let prompt = &state.submit.prompt_token_ids;
         let Some(target) = self
             .executors
@@ -254,7 +259,10 @@ impl SchedulerService {
         }
         self.by_core.insert(core_id, request_id.to_string());
         let needs_detokenizer = state.detokenizer.is_empty();
-        let detokenizer = if needs_detokenizer { self.pick_detokenizer() } else { state.detokenizer.clone() };
+        let detokenizer = match needs_detokenizer {
+            true => self.pick_detokenizer().unwrap_or_default(),
+            false => state.detokenizer.clone(),
+        };
         let Some(state) = self.requests.get_mut(request_id) else { return };
         state.executor = Some(target.clone());
         state.core_id = core_id;
@@ -267,9 +275,10 @@ impl SchedulerService {
         self.drive(&target, ctx);
     }
 
-    fn pick_detokenizer(&mut self) -> String {
-        let ids: Vec<&String> = self.detokenizers.keys().collect();
-        let id = ids[self.next_detokenizer % ids.len()].clone();
+    /// The next detokenizer, round robin (none when none is registered).
+    fn pick_detokenizer(&mut self) -> Option<String> {
+        let count = self.detokenizers.len();
+        let id = self.detokenizers.keys().nth(self.next_detokenizer % count.max(1)).cloned();
         self.next_detokenizer += 1;
         id
     }
@@ -453,7 +462,7 @@ impl SchedulerService {
                 self.fail(ctx, &id, "the detokenizer serving this request was lost and no other is running");
                 continue;
             }
-            let target = self.pick_detokenizer();
+            let Some(target) = self.pick_detokenizer() else { continue };
             let Some(state) = self.requests.get_mut(&id) else { continue };
             state.detokenizer = target.clone();
             let acked = &state.acked;
