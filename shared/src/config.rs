@@ -24,6 +24,40 @@ impl std::str::FromStr for PreemptionMode {
     }
 }
 
+/// How a request's KV blocks are reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvAllocation {
+    /// PagedAttention: blocks are taken as tokens are written.
+    #[default]
+    Paged,
+    /// A baseline of the systems before paging: at admission a request reserves blocks for
+    /// prompt + `max_tokens` tokens and holds them until it finishes (no prefix caching, `n` = 1).
+    Contiguous,
+    /// Like `Contiguous`, but reserving the longest sequence the model accepts
+    /// (`max_model_len`), as systems that do not know the output length did.
+    ContiguousMaxLen,
+}
+
+impl KvAllocation {
+    /// Whether blocks are reserved up front.
+    pub fn is_contiguous(self) -> bool {
+        self != Self::Paged
+    }
+}
+
+impl std::str::FromStr for KvAllocation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "paged" => Ok(Self::Paged),
+            "contiguous" => Ok(Self::Contiguous),
+            "contiguous-max-len" => Ok(Self::ContiguousMaxLen),
+            other => Err(format!("unknown allocator '{other}' (expected paged, contiguous or contiguous-max-len)")),
+        }
+    }
+}
+
 /// Cache geometry and batching limits of one model's engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineConfig {
@@ -47,6 +81,9 @@ pub struct EngineConfig {
     pub max_waiting_tokens: usize,
     /// Longest sequence (prompt + output) the model accepts.
     pub max_model_len: usize,
+    /// How KV blocks are reserved (paged, or a contiguous baseline for comparison).
+    #[serde(default)]
+    pub kv_allocation: KvAllocation,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +99,7 @@ impl Default for EngineConfig {
             max_waiting_requests: 4096,
             max_waiting_tokens: 1 << 22,
             max_model_len: 2048,
+            kv_allocation: KvAllocation::Paged,
         }
     }
 }

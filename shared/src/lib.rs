@@ -7,15 +7,17 @@
 //! * [`output`]: what a request produces (tokens, logprobs, finish reasons).
 //! * [`protocol`]: the messages that cross NATS, public (JSON) and internal (versioned).
 //! * [`subjects`]: the NATS subject names.
+//! * [`metrics`]: the Prometheus metric names, labels and histogram buckets.
 
 pub mod config;
+pub mod metrics;
 pub mod output;
 pub mod protocol;
 pub mod sampling;
 pub mod step;
 pub mod subjects;
 
-pub use config::{EngineConfig, PreemptionMode};
+pub use config::{EngineConfig, KvAllocation, PreemptionMode};
 pub use output::{FinishReason, SampledToken};
 pub use sampling::SamplingParams;
 pub use step::{BlockId, SampleSpec, ScheduledSeq, SeqId, SeqResult, StepOutput, StepPlan};

@@ -22,6 +22,9 @@ pub enum ExecutorError {
     /// A step plan refers to something that does not exist (bad block, bad token, bad sequence).
     #[error("invalid step plan: {0}")]
     InvalidPlan(String),
+    /// A compute device is missing, or failed.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Shorthand for results of this crate.

@@ -60,67 +60,14 @@ impl Executor {
     }
 
     fn validate(&self, plan: &StepPlan) -> Result<()> {
-        let device = self.cache.device.num_blocks;
-        let host = self.cache.host.num_blocks;
-        let bs = self.cache.shape.block_size;
-        let vocab = self.model.config.vocab_size as u32;
-        let max_len = self.model.config.max_model_len();
-        for &(d, h) in &plan.swap_out {
-            if d as usize >= device || h as usize >= host {
-                return Err(invalid(format!("swap_out ({d}, {h}) outside the pools ({device}, {host})")));
-            }
-        }
-        for &(h, d) in &plan.swap_in {
-            if d as usize >= device || h as usize >= host {
-                return Err(invalid(format!("swap_in ({h}, {d}) outside the pools ({host}, {device})")));
-            }
-        }
-        for &(s, d) in &plan.copy {
-            if s as usize >= device || d as usize >= device {
-                return Err(invalid(format!("copy ({s}, {d}) outside the device pool ({device})")));
-            }
-        }
-        let mut seen = std::collections::HashSet::new();
-        for seq in &plan.seqs {
-            if !seen.insert(seq.seq_id) {
-                return Err(invalid(format!("sequence {} appears twice", seq.seq_id)));
-            }
-            if seq.tokens.is_empty() {
-                return Err(invalid(format!("sequence {} feeds no tokens", seq.seq_id)));
-            }
-            let end = seq.start_pos + seq.tokens.len();
-            if end > max_len {
-                return Err(invalid(format!(
-                    "sequence {} reaches position {end} > max model length {max_len}",
-                    seq.seq_id
-                )));
-            }
-            if seq.block_table.len() * bs < end {
-                return Err(invalid(format!("sequence {}: block table too short for {end} tokens", seq.seq_id)));
-            }
-            if let Some(b) = seq.block_table.iter().find(|&&b| b as usize >= device) {
-                return Err(invalid(format!("sequence {}: block {b} outside the device pool ({device})", seq.seq_id)));
-            }
-            if let Some(t) = seq.tokens.iter().find(|&&t| t >= vocab) {
-                return Err(invalid(format!("sequence {}: token {t} outside the vocabulary ({vocab})", seq.seq_id)));
-            }
-            if let Some(h) = &seq.history {
-                if h.len() != seq.start_pos {
-                    return Err(invalid(format!(
-                        "sequence {}: history of {} tokens for start {}",
-                        seq.seq_id,
-                        h.len(),
-                        seq.start_pos
-                    )));
-                }
-            }
-            if let Some(s) = &seq.sample {
-                if s.num_samples == 0 {
-                    return Err(invalid(format!("sequence {}: zero samples", seq.seq_id)));
-                }
-            }
-        }
-        Ok(())
+        let limits = PlanLimits {
+            device_blocks: self.cache.device.num_blocks,
+            host_blocks: self.cache.host.num_blocks,
+            block_size: self.cache.shape.block_size,
+            vocab_size: self.model.config.vocab_size,
+            max_model_len: self.model.config.max_model_len(),
+        };
+        validate_plan(plan, &limits)
     }
 
     /// Runs one step: swaps and copies, the forward pass, and sampling.
@@ -141,7 +88,131 @@ impl Executor {
         if plan.seqs.is_empty() {
             return Ok(StepOutput { step_id: plan.step_id, results: Vec::new() });
         }
-        let bs = self.cache.shape.block_size;
+        let rows = StepRows::build(plan, self.cache.shape.block_size, &mut self.histories);
+        let logits = self.model.forward(&rows.batch(), &mut self.cache);
+        let results = sample_results(plan, &logits, self.model.config.vocab_size, &self.histories);
+        Ok(StepOutput { step_id: plan.step_id, results })
+    }
+
+    /// Raw logits of the last position of a token sequence run from scratch through a
+    /// scratch cache (for tests and tools; does not touch the executor's cache).
+    pub fn logits_for_prompt(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let c = &self.model.config;
+        let bs = 16;
+        let blocks = tokens.len().div_ceil(bs).max(1);
+        let shape = BlockShape { block_size: bs, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let mut cache = KvCache::new(c.num_layers, shape, blocks, 0);
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let positions: Vec<usize> = (0..tokens.len()).collect();
+        let spans = [SeqSpan { first_row: 0, len: tokens.len(), start_pos: 0, block_table: &table }];
+        let rows: Vec<usize> = positions.clone();
+        if tokens.iter().any(|&t| t as usize >= c.vocab_size) || tokens.len() > c.max_model_len() {
+            return Err(invalid("tokens outside the vocabulary or longer than the model".into()));
+        }
+        let batch = ForwardBatch { tokens, positions: &positions, slots: &positions, spans: &spans, logit_rows: &rows };
+        let logits = self.model.forward(&batch, &mut cache);
+        Ok(logits.chunks(c.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// What a step plan is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanLimits {
+    /// Blocks of the device pool.
+    pub device_blocks: usize,
+    /// Blocks of the host pool.
+    pub host_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Longest sequence.
+    pub max_model_len: usize,
+}
+
+/// Checks that every block, token and position of a plan is inside the limits.
+pub fn validate_plan(plan: &StepPlan, limits: &PlanLimits) -> Result<()> {
+    let device = limits.device_blocks;
+    let host = limits.host_blocks;
+    let bs = limits.block_size;
+    let vocab = limits.vocab_size as u32;
+    let max_len = limits.max_model_len;
+    for &(d, h) in &plan.swap_out {
+        if d as usize >= device || h as usize >= host {
+            return Err(invalid(format!("swap_out ({d}, {h}) outside the pools ({device}, {host})")));
+        }
+    }
+    for &(h, d) in &plan.swap_in {
+        if d as usize >= device || h as usize >= host {
+            return Err(invalid(format!("swap_in ({h}, {d}) outside the pools ({host}, {device})")));
+        }
+    }
+    for &(s, d) in &plan.copy {
+        if s as usize >= device || d as usize >= device {
+            return Err(invalid(format!("copy ({s}, {d}) outside the device pool ({device})")));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for seq in &plan.seqs {
+        if !seen.insert(seq.seq_id) {
+            return Err(invalid(format!("sequence {} appears twice", seq.seq_id)));
+        }
+        if seq.tokens.is_empty() {
+            return Err(invalid(format!("sequence {} feeds no tokens", seq.seq_id)));
+        }
+        let end = seq.start_pos + seq.tokens.len();
+        if end > max_len {
+            return Err(invalid(format!(
+                "sequence {} reaches position {end} > max model length {max_len}",
+                seq.seq_id
+            )));
+        }
+        if seq.block_table.len() * bs < end {
+            return Err(invalid(format!("sequence {}: block table too short for {end} tokens", seq.seq_id)));
+        }
+        if let Some(b) = seq.block_table.iter().find(|&&b| b as usize >= device) {
+            return Err(invalid(format!("sequence {}: block {b} outside the device pool ({device})", seq.seq_id)));
+        }
+        if let Some(t) = seq.tokens.iter().find(|&&t| t >= vocab) {
+            return Err(invalid(format!("sequence {}: token {t} outside the vocabulary ({vocab})", seq.seq_id)));
+        }
+        if let Some(h) = &seq.history {
+            if h.len() != seq.start_pos {
+                return Err(invalid(format!(
+                    "sequence {}: history of {} tokens for start {}",
+                    seq.seq_id,
+                    h.len(),
+                    seq.start_pos
+                )));
+            }
+        }
+        if let Some(s) = &seq.sample {
+            if s.num_samples == 0 {
+                return Err(invalid(format!("sequence {}: zero samples", seq.seq_id)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A plan's sequences as one flat batch of rows (the spans borrow the plan's block tables).
+pub struct StepRows<'a> {
+    /// Token of every row.
+    pub tokens: Vec<u32>,
+    /// Position of every row.
+    pub positions: Vec<usize>,
+    /// Cache slot of every row.
+    pub slots: Vec<usize>,
+    /// Every sequence's rows.
+    pub spans: Vec<SeqSpan<'a>>,
+    /// Rows whose logits are sampled, in the order of the plan's sampled sequences.
+    pub logit_rows: Vec<usize>,
+}
+
+impl<'a> StepRows<'a> {
+    /// Lays out the plan's sequences and records their tokens in `histories`.
+    pub fn build(plan: &'a StepPlan, block_size: usize, histories: &mut HashMap<SeqId, Vec<u32>>) -> Self {
+        let bs = block_size;
         let rows = plan.num_tokens();
         let mut tokens = Vec::with_capacity(rows);
         let mut positions = Vec::with_capacity(rows);
@@ -165,55 +236,44 @@ impl Executor {
             if seq.sample.is_some() {
                 logit_rows.push(tokens.len() - 1);
             }
-            let history = self.histories.entry(seq.seq_id).or_default();
+            let history = histories.entry(seq.seq_id).or_default();
             if let Some(h) = &seq.history {
                 history.clone_from(h);
             }
             history.truncate(seq.start_pos);
             history.extend_from_slice(&seq.tokens);
         }
-        let batch = ForwardBatch {
-            tokens: &tokens,
-            positions: &positions,
-            slots: &slots,
-            spans: &spans,
-            logit_rows: &logit_rows,
-        };
-        let logits = self.model.forward(&batch, &mut self.cache);
-        let vocab = self.model.config.vocab_size;
-        let sampled: Vec<_> = plan.seqs.iter().filter(|s| s.sample.is_some()).collect();
-        let histories = &self.histories;
-        let results = sampled
-            .par_iter()
-            .zip(logits.par_chunks(vocab))
-            .map(|(seq, row)| {
-                let spec = seq.sample.as_ref().expect("filtered on sample");
-                let history = histories.get(&seq.seq_id).map(Vec::as_slice).unwrap_or(&[]);
-                let samples =
-                    (0..spec.num_samples).map(|i| sample(row, spec, history, spec.sample_index + i)).collect();
-                SeqResult { seq_id: seq.seq_id, samples }
-            })
-            .collect();
-        Ok(StepOutput { step_id: plan.step_id, results })
+        Self { tokens, positions, slots, spans, logit_rows }
     }
 
-    /// Raw logits of the last position of a token sequence run from scratch through a
-    /// scratch cache (for tests and tools; does not touch the executor's cache).
-    pub fn logits_for_prompt(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let c = &self.model.config;
-        let bs = 16;
-        let blocks = tokens.len().div_ceil(bs).max(1);
-        let shape = BlockShape { block_size: bs, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
-        let mut cache = KvCache::new(c.num_layers, shape, blocks, 0);
-        let table: Vec<u32> = (0..blocks as u32).collect();
-        let positions: Vec<usize> = (0..tokens.len()).collect();
-        let spans = [SeqSpan { first_row: 0, len: tokens.len(), start_pos: 0, block_table: &table }];
-        let rows: Vec<usize> = positions.clone();
-        if tokens.iter().any(|&t| t as usize >= c.vocab_size) || tokens.len() > c.max_model_len() {
-            return Err(invalid("tokens outside the vocabulary or longer than the model".into()));
+    /// The rows as a forward pass's input.
+    pub fn batch(&self) -> ForwardBatch<'_> {
+        ForwardBatch {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            slots: &self.slots,
+            spans: &self.spans,
+            logit_rows: &self.logit_rows,
         }
-        let batch = ForwardBatch { tokens, positions: &positions, slots: &positions, spans: &spans, logit_rows: &rows };
-        let logits = self.model.forward(&batch, &mut cache);
-        Ok(logits.chunks(c.vocab_size).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// Samples every sampled sequence of a plan from its row of `logits` (`[sampled, vocab]`).
+pub fn sample_results(
+    plan: &StepPlan,
+    logits: &[f32],
+    vocab: usize,
+    histories: &HashMap<SeqId, Vec<u32>>,
+) -> Vec<SeqResult> {
+    let sampled: Vec<_> = plan.seqs.iter().filter(|s| s.sample.is_some()).collect();
+    sampled
+        .par_iter()
+        .zip(logits.par_chunks(vocab))
+        .map(|(seq, row)| {
+            let spec = seq.sample.as_ref().expect("filtered on sample");
+            let history = histories.get(&seq.seq_id).map(Vec::as_slice).unwrap_or(&[]);
+            let samples = (0..spec.num_samples).map(|i| sample(row, spec, history, spec.sample_index + i)).collect();
+            SeqResult { seq_id: seq.seq_id, samples }
+        })
+        .collect()
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod executor;
+pub mod gpu;
 pub mod sampling;
 pub mod synth;
 pub mod weights;

@@ -2,10 +2,11 @@
 //! the subjects, and JSON publish/request helpers.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::subjects::Subjects;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -69,12 +70,18 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Connects (retrying for up to `wait`), with the options' credentials.
+    /// Connects (retrying for up to `wait`), with the options' credentials. Reconnections
+    /// after the first connection count in `pagemesh_nats_reconnects_total`, labelled with
+    /// `name` less its `pagemesh-` prefix.
     pub async fn connect(options: &NatsOptions, name: &str, wait: Duration) -> Result<Self, BusError> {
         let reconnects = Arc::new(AtomicU64::new(0));
+        let established = Arc::new(AtomicBool::new(false));
+        let service = name.strip_prefix("pagemesh-").unwrap_or(name).to_string();
+        let reconnect_metric = metrics::counter!(names::NATS_RECONNECTS, labels::SERVICE => service);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let counter = reconnects.clone();
+            let (established_now, metric) = (established.clone(), reconnect_metric.clone());
             let mut connect = match (&options.creds, &options.token, &options.user) {
                 (Some(path), _, _) => async_nats::ConnectOptions::with_credentials_file(path.clone())
                     .await
@@ -93,9 +100,13 @@ impl Bus {
                 .max_reconnects(None)
                 .event_callback(move |event| {
                     let counter = counter.clone();
+                    let (established, metric) = (established_now.clone(), metric.clone());
                     async move {
                         if matches!(event, async_nats::Event::Connected) {
                             counter.fetch_add(1, Ordering::Relaxed);
+                            if established.load(Ordering::Relaxed) {
+                                metric.increment(1);
+                            }
                         }
                     }
                 });
@@ -106,6 +117,7 @@ impl Bus {
                     let flushed = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
                     if let Ok(Ok(())) = flushed {
                         reconnects.store(0, Ordering::Relaxed);
+                        established.store(true, Ordering::Relaxed);
                         return Ok(Self { client, subjects: Subjects::new(&options.prefix), reconnects });
                     }
                 }

@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::StreamExt;
+use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
     AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, ResumePoint,
     TokenEvent, Usage,
@@ -77,6 +78,15 @@ impl RequestStream {
 
     fn done(&self) -> bool {
         self.samples.iter().all(|s| s.finished.is_some())
+    }
+
+    /// The request's finish reason: the first of abort, error, stop and length that a sample
+    /// ended with.
+    fn finish_reason(&self) -> FinishReason {
+        [FinishReason::Abort, FinishReason::Error, FinishReason::Stop, FinishReason::Length]
+            .into_iter()
+            .find(|r| self.samples.iter().any(|s| s.finished == Some(*r)))
+            .unwrap_or(FinishReason::Stop)
     }
 
     /// Rebuilds the state a lost detokenizer had reached: replays the tokens its published
@@ -257,14 +267,29 @@ pub struct DetokenizerService {
     id: String,
     tokenizer: Arc<TextTokenizer>,
     streams: HashMap<String, RequestStream>,
+    model: String,
 }
 
 struct Incoming(async_nats::Message);
 
 impl DetokenizerService {
-    /// A detokenizer with instance id `id`.
-    pub fn new(bus: Bus, id: String, tokenizer: Arc<TextTokenizer>) -> Self {
-        Self { bus, id, tokenizer, streams: HashMap::new() }
+    /// A detokenizer with instance id `id` for the model served as `model`.
+    pub fn new(bus: Bus, id: String, tokenizer: Arc<TextTokenizer>, model: String) -> Self {
+        Self { bus, id, tokenizer, streams: HashMap::new(), model }
+    }
+
+    fn finished_counter(&self, reason: FinishReason) -> metrics::Counter {
+        let series = [(labels::MODEL, self.model.clone()), (labels::FINISH_REASON, reason.as_str().to_string())];
+        metrics::counter!(names::REQUESTS_FINISHED, &series)
+    }
+
+    /// Counts a request that ended.
+    fn record_end(&self, stream: &RequestStream) {
+        let reason = stream.finish_reason();
+        self.finished_counter(reason).increment(1);
+        if reason == FinishReason::Abort {
+            metrics::counter!(names::REQUESTS_ABORTED, labels::MODEL => self.model.clone()).increment(1);
+        }
     }
 
     fn handle_event(&mut self, event: DetokenizerEvent) -> Option<Output> {
@@ -290,20 +315,21 @@ impl DetokenizerService {
                 let reply_to = stream.open.reply_to.clone();
                 let ack = stream.ack();
                 if done {
-                    self.streams.remove(&request_id);
+                    if let Some(stream) = self.streams.remove(&request_id) {
+                        self.record_end(&stream);
+                    }
                 }
                 Some(Output { reply_to, chunks, abort, ack })
             }
             DetokenizerEvent::Finish { request_id, reason, message } => {
                 let mut stream = self.streams.remove(&request_id)?;
+                for s in &mut stream.samples {
+                    s.finished.get_or_insert(reason);
+                }
+                self.record_end(&stream);
                 if reason == FinishReason::Error && stream.next_index == 0 {
                     let _ = message;
                     return None;
-                }
-                for s in &mut stream.samples {
-                    if s.finished.is_none() {
-                        s.finished = Some(reason);
-                    }
                 }
                 let chunks = stream.chunks(true);
                 for s in &mut stream.samples {
@@ -332,6 +358,11 @@ impl Actor for DetokenizerService {
         }));
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
         self.announce(ctx);
+        // Every series from the start, so that rates are defined before the first request.
+        for reason in [FinishReason::Stop, FinishReason::Length, FinishReason::Abort, FinishReason::Error] {
+            self.finished_counter(reason).absolute(0);
+        }
+        metrics::counter!(names::REQUESTS_ABORTED, labels::MODEL => self.model.clone()).absolute(0);
     }
 }
 
@@ -366,7 +397,10 @@ impl StreamHandler<Incoming> for DetokenizerService {
             }
             _ => None,
         };
+        let started = Instant::now();
         let output = self.handle_event(event);
+        metrics::histogram!(names::DETOKENIZER_DURATION, labels::MODEL => self.model.clone())
+            .record(started.elapsed().as_secs_f64());
         let bus = self.bus.clone();
         // Chunks of one request are published in order from this actor's context.
         ctx.wait(

@@ -7,12 +7,13 @@ use clap::Args;
 use pagemesh_engine::Engine;
 use pagemesh_executor::cpu::model::LlamaModel;
 use pagemesh_executor::{CacheConfig, Executor, ModelConfig, WeightDtype};
-use pagemesh_shared::{EngineConfig, PreemptionMode};
+use pagemesh_shared::{EngineConfig, KvAllocation, PreemptionMode};
 
 /// How to load the model and size the engine.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a Hub id
+    /// (`owner/name[@revision]`) fetched into the Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Weight dtype to compute with: f32, f16 or bf16 (default: as stored).
@@ -46,9 +47,17 @@ pub struct EngineArgs {
     /// Most requests waiting; more are refused.
     #[arg(long, default_value_t = 65536)]
     pub max_waiting_requests: usize,
+    /// How KV blocks are reserved: paged, or (as a baseline for comparison) contiguous
+    /// (prompt + max_tokens reserved at admission) or contiguous-max-len.
+    #[arg(long, default_value = "paged")]
+    pub kv_allocation: KvAllocation,
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// With `--device cuda`: fraction of the GPU's memory the executor may use; the KV pool gets
+    /// what is left of it after the weights are loaded (unless --num-device-blocks is given).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
 }
 
 /// Bytes the default device pool may take.
@@ -100,6 +109,7 @@ impl EngineArgs {
             max_waiting_requests: self.max_waiting_requests,
             max_waiting_tokens: usize::MAX,
             max_model_len,
+            kv_allocation: self.kv_allocation,
         })
     }
 

@@ -4,21 +4,37 @@
 //! The forward pass is blocking work: it runs on a [`StepWorker`] in a `SyncArbiter` thread,
 //! so the NATS-facing actor keeps heartbeating while a step runs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::StreamExt;
 use pagemesh_executor::Executor;
+use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ExecutorRegistration, StepReply, StepRequest};
+use pagemesh_shared::{StepOutput, StepPlan};
 
 use crate::bus::{decode, Bus};
 
 /// How often an executor announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 
+/// What runs an executor's steps: the model on a device, or a simulation.
+pub trait StepBackend: Send {
+    /// Runs one step.
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String>;
+}
+
+impl StepBackend for Executor {
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
+        Executor::execute(self, plan).map_err(|e| e.to_string())
+    }
+}
+
 /// Runs steps on the model, one at a time, off the event loop.
 pub struct StepWorker {
-    executor: Executor,
+    executor: Box<dyn StepBackend>,
+    duration: metrics::Histogram,
+    failures: metrics::Counter,
 }
 
 impl Actor for StepWorker {
@@ -34,10 +50,16 @@ impl Handler<RunStep> for StepWorker {
     type Result = MessageResult<RunStep>;
 
     fn handle(&mut self, msg: RunStep, _: &mut Self::Context) -> Self::Result {
-        MessageResult(match self.executor.execute(&msg.0.plan) {
+        let started = Instant::now();
+        let reply = match self.executor.execute(&msg.0.plan) {
             Ok(output) => StepReply::Done(output),
-            Err(e) => StepReply::Failed(e.to_string()),
-        })
+            Err(e) => {
+                self.failures.increment(1);
+                StepReply::Failed(e)
+            }
+        };
+        self.duration.record(started.elapsed().as_secs_f64());
+        MessageResult(reply)
     }
 }
 
@@ -50,14 +72,22 @@ pub struct ExecutorService {
 
 impl ExecutorService {
     /// An executor service for a loaded executor; `registration` describes its pools.
-    pub fn start(bus: Bus, executor: Executor, registration: ExecutorRegistration) -> Addr<Self> {
+    pub fn start(bus: Bus, executor: Box<dyn StepBackend>, registration: ExecutorRegistration) -> Addr<Self> {
         let slot = std::sync::Mutex::new(Some(executor));
+        let series =
+            [(labels::MODEL, registration.model.clone()), (labels::EXECUTOR, registration.executor_id.clone())];
+        let (duration, failures) = (
+            metrics::histogram!(names::EXECUTOR_STEP_DURATION, &series),
+            metrics::counter!(names::EXECUTOR_STEP_FAILURES, &series),
+        );
         let worker = SyncArbiter::start(1, move || StepWorker {
             executor: slot
                 .lock()
                 .ok()
                 .and_then(|mut s| s.take())
                 .expect("the step worker is started once, with the executor"),
+            duration: duration.clone(),
+            failures: failures.clone(),
         });
         Self { bus, registration, worker }.start()
     }

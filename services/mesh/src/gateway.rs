@@ -6,10 +6,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
+use actix_web::middleware::Next;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 use futures::{Stream, StreamExt};
+use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{AbortRequest, Chunk, ErrorKind, ErrorReply, ReplyMessage, Usage};
 use pagemesh_shared::FinishReason;
 use serde::Deserialize;
@@ -570,9 +574,23 @@ async fn not_found() -> HttpResponse {
     error_response(404, "invalid_request_error", "no such endpoint", None)
 }
 
+/// Middleware (`actix_web::middleware::from_fn`): counts every answered request by route
+/// pattern (`other` for unknown paths) and status.
+pub async fn count_requests(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let endpoint = req.match_pattern().unwrap_or_else(|| "other".to_string());
+    let response = next.call(req).await?;
+    let series = [(labels::ENDPOINT, endpoint), (labels::STATUS, response.status().as_str().to_string())];
+    metrics::counter!(names::HTTP_REQUESTS, &series).increment(1);
+    Ok(response)
+}
+
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/completions", web::post().to(completions))
+        .route("/metrics", web::get().to(crate::metrics_endpoint::render))
         .route("/v1/chat/completions", web::post().to(chat_completions))
         .route("/v1/models", web::get().to(models))
         .route("/tokenize", web::post().to(tokenize))

@@ -18,9 +18,11 @@ use pagemesh_tokenizer::TextTokenizer;
 use crate::bus::{new_id, Bus, NatsOptions};
 use crate::chat::PromptRenderer;
 use crate::detokenizer_service::DetokenizerService;
+use crate::device_args::DeviceArgs;
 use crate::engine_args::{eos_token_ids, EngineArgs};
 use crate::executor_service::ExecutorService;
-use crate::gateway::{configure, GatewayState};
+use crate::gateway::{configure, count_requests, GatewayState};
+use crate::metrics_endpoint::MetricsArgs;
 use crate::scheduler_service::{SchedulerConfig, SchedulerService};
 use crate::tokenizer_service::{ModelInfo, TokenizerService};
 
@@ -48,7 +50,8 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
-    fn options(&self) -> NatsOptions {
+    /// The connection options these flags describe.
+    pub fn options(&self) -> NatsOptions {
         NatsOptions {
             url: self.nats_url.clone(),
             user: self.nats_user.clone(),
@@ -73,9 +76,10 @@ pub struct ExecutorArgs {
     /// Instance id (default: random).
     #[arg(long)]
     executor_id: Option<String>,
-    /// Backend: cpu.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// Flags of `pagemesh scheduler`.
@@ -90,6 +94,8 @@ pub struct SchedulerArgs {
     /// Name the model is served under (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// Queue bounds and timeouts of the scheduler.
@@ -114,7 +120,7 @@ pub struct SchedulerLimits {
 pub struct TokenizerArgs {
     #[command(flatten)]
     nats: NatsArgs,
-    /// Model directory (tokenizer.json, tokenizer_config.json, config.json).
+    /// Model directory (tokenizer.json, tokenizer_config.json, config.json), or a Hub id (`owner/name[@revision]`).
     #[arg(long)]
     model: PathBuf,
     /// Name the model is served under (default: the model directory's name).
@@ -123,6 +129,8 @@ pub struct TokenizerArgs {
     /// Longest prompt + output (default: the model's).
     #[arg(long)]
     max_model_len: Option<usize>,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// Flags of `pagemesh detokenizer`.
@@ -130,12 +138,17 @@ pub struct TokenizerArgs {
 pub struct DetokenizerArgs {
     #[command(flatten)]
     nats: NatsArgs,
-    /// Model directory (tokenizer.json).
+    /// Model directory (tokenizer.json), or a Hub id (`owner/name[@revision]`).
     #[arg(long)]
     model: PathBuf,
     /// Instance id (default: random).
     #[arg(long)]
     detokenizer_id: Option<String>,
+    /// Name the model is served under, for its metrics (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// Flags of `pagemesh gateway`.
@@ -145,6 +158,8 @@ pub struct GatewayArgs {
     nats: NatsArgs,
     #[command(flatten)]
     http: HttpArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// HTTP flags.
@@ -184,20 +199,29 @@ pub struct ServeArgs {
     /// Never start a nats-server, even when none is reachable.
     #[arg(long)]
     no_start_nats: bool,
+    /// Backend of the executors in this process.
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 fn served_name(name: &Option<String>, model_dir: &Path) -> String {
-    name.clone().unwrap_or_else(|| {
-        model_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".to_string())
-    })
+    name.clone().unwrap_or_else(|| crate::model_hub::default_name(model_dir))
 }
 
 async fn connect(nats: &NatsArgs, name: &str) -> Result<Bus, String> {
     Bus::connect(&nats.options(), name, Duration::from_secs(10)).await.map_err(|e| e.to_string())
 }
 
-fn start_executor(bus: Bus, args: &EngineArgs, model: &str, id: Option<String>) -> Result<(), String> {
-    let (executor, config) = args.load_executor()?;
+fn start_executor(
+    bus: Bus,
+    args: &EngineArgs,
+    device: &DeviceArgs,
+    model: &str,
+    id: Option<String>,
+) -> Result<(), String> {
+    let (executor, config) = device.executor_backend(args)?;
     let registration = ExecutorRegistration {
         executor_id: id.unwrap_or_else(new_id),
         model: model.to_string(),
@@ -205,7 +229,10 @@ fn start_executor(bus: Bus, args: &EngineArgs, model: &str, id: Option<String>) 
         num_device_blocks: config.num_device_blocks,
         num_host_blocks: config.num_host_blocks,
     };
-    eprintln!("executor {} serving {model} ({} device blocks)", registration.executor_id, config.num_device_blocks);
+    eprintln!(
+        "executor {} serving {model} on {} ({} device blocks)",
+        registration.executor_id, device.device, config.num_device_blocks
+    );
     ExecutorService::start(bus, executor, registration);
     Ok(())
 }
@@ -245,9 +272,11 @@ fn tokenizer_service(
 
 async fn run_gateway(bus: Bus, http: &HttpArgs) -> Result<(), String> {
     let state = web::Data::new(GatewayState { bus, api_keys: http.api_keys.clone() });
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(configure))
-        .bind((http.host.as_str(), http.port))
-        .map_err(|e| format!("cannot listen on {}:{}: {e}", http.host, http.port))?;
+    let server = HttpServer::new(move || {
+        App::new().app_data(state.clone()).wrap(actix_web::middleware::from_fn(count_requests)).configure(configure)
+    })
+    .bind((http.host.as_str(), http.port))
+    .map_err(|e| format!("cannot listen on {}:{}: {e}", http.host, http.port))?;
     eprintln!("gateway listening on http://{}:{}", http.host, http.port);
     server.run().await.map_err(|e| e.to_string())
 }
@@ -298,24 +327,26 @@ fn in_system_then(
 }
 
 /// `pagemesh executor`.
-pub fn executor(args: ExecutorArgs) -> Result<(), String> {
-    if args.device != "cpu" {
-        return Err(format!("unknown --device {} (this build supports: cpu)", args.device));
-    }
+pub fn executor(mut args: ExecutorArgs) -> Result<(), String> {
+    crate::cuda_device::check_device(&args.device.device, &args.engine)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);
+    args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     in_system(async move {
+        crate::metrics_endpoint::start(&args.metrics, "executor")?;
         let bus = connect(&args.nats, "pagemesh-executor").await?;
-        start_executor(bus, &args.engine, &name, args.executor_id.clone())?;
+        start_executor(bus, &args.engine, &args.device, &name, args.executor_id.clone())?;
         wait_forever().await
     })
 }
 
 /// `pagemesh scheduler`.
-pub fn scheduler(args: SchedulerArgs) -> Result<(), String> {
+pub fn scheduler(mut args: SchedulerArgs) -> Result<(), String> {
     let name = served_name(&args.served_model_name, &args.engine.model);
+    args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     let config = scheduler_config(&args.engine, &args.limits, &name)?;
     in_system(async move {
+        crate::metrics_endpoint::start(&args.metrics, "scheduler")?;
         let bus = connect(&args.nats, "pagemesh-scheduler").await?;
         SchedulerService::new(bus, config).start();
         wait_forever().await
@@ -323,9 +354,11 @@ pub fn scheduler(args: SchedulerArgs) -> Result<(), String> {
 }
 
 /// `pagemesh tokenizer`.
-pub fn tokenizer(args: TokenizerArgs) -> Result<(), String> {
+pub fn tokenizer(mut args: TokenizerArgs) -> Result<(), String> {
     let name = served_name(&args.served_model_name, &args.model);
+    args.model = crate::model_hub::resolve(&args.model)?;
     in_system(async move {
+        crate::metrics_endpoint::start(&args.metrics, "tokenizer")?;
         let bus = connect(&args.nats, "pagemesh-tokenizer").await?;
         tokenizer_service(bus, &args.model, &name, args.max_model_len)?.start();
         wait_forever().await
@@ -333,13 +366,16 @@ pub fn tokenizer(args: TokenizerArgs) -> Result<(), String> {
 }
 
 /// `pagemesh detokenizer`.
-pub fn detokenizer(args: DetokenizerArgs) -> Result<(), String> {
+pub fn detokenizer(mut args: DetokenizerArgs) -> Result<(), String> {
+    let name = served_name(&args.served_model_name, &args.model);
+    args.model = crate::model_hub::resolve(&args.model)?;
     let tokenizer = Arc::new(TextTokenizer::load(&args.model).map_err(|e| e.to_string())?);
     in_system(async move {
+        crate::metrics_endpoint::start(&args.metrics, "detokenizer")?;
         let bus = connect(&args.nats, "pagemesh-detokenizer").await?;
         let id = args.detokenizer_id.clone().unwrap_or_else(new_id);
         eprintln!("detokenizer {id}");
-        DetokenizerService::new(bus, id, tokenizer).start();
+        DetokenizerService::new(bus, id, tokenizer, name).start();
         wait_forever().await
     })
 }
@@ -347,6 +383,7 @@ pub fn detokenizer(args: DetokenizerArgs) -> Result<(), String> {
 /// `pagemesh gateway`.
 pub fn gateway(args: GatewayArgs) -> Result<(), String> {
     in_system(async move {
+        crate::metrics_endpoint::start(&args.metrics, "gateway")?;
         let bus = connect(&args.nats, "pagemesh-gateway").await?;
         run_gateway(bus, &args.http).await
     })
@@ -404,21 +441,24 @@ fn ensure_nats(url: &str, allowed: bool) -> Result<Option<OwnNatsServer>, String
 }
 
 /// `pagemesh serve`: all five services in one process.
-pub fn serve(args: ServeArgs) -> Result<(), String> {
+pub fn serve(mut args: ServeArgs) -> Result<(), String> {
+    crate::cuda_device::check_device(&args.device.device, &args.engine)?;
     let nats_server = ensure_nats(&args.nats.nats_url, !args.no_start_nats)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);
+    args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     let config = scheduler_config(&args.engine, &args.limits, &name)?;
     let detok_tokenizer = Arc::new(TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?);
     let services = async move {
+        crate::metrics_endpoint::start(&args.metrics, "serve")?;
         let bus = connect(&args.nats, "pagemesh-serve").await?;
         SchedulerService::new(bus.clone(), config).start();
         tokenizer_service(bus.clone(), &args.engine.model, &name, args.engine.max_model_len)?.start();
         for _ in 0..args.num_detokenizers {
-            DetokenizerService::new(bus.clone(), new_id(), detok_tokenizer.clone()).start();
+            DetokenizerService::new(bus.clone(), new_id(), detok_tokenizer.clone(), name.clone()).start();
         }
         for _ in 0..args.num_executors {
-            start_executor(bus.clone(), &args.engine, &name, None)?;
+            start_executor(bus.clone(), &args.engine, &args.device, &name, None)?;
         }
         run_gateway(bus, &args.http).await
     };

@@ -8,13 +8,21 @@
 //! * [`detokenizer_service`]: incremental text, stop strings, ordered chunks to the client.
 //!
 //! [`launch`] builds them from command-line flags; `pagemesh serve` runs all five.
+//! [`metrics_endpoint`] exposes each process's Prometheus metrics (names in
+//! `pagemesh_shared::metrics`).
 
 pub mod bus;
 pub mod chat;
+pub mod cuda_device;
 pub mod detokenizer_service;
+pub mod device_args;
 pub mod engine_args;
 pub mod executor_service;
 pub mod gateway;
 pub mod launch;
+pub mod metrics_endpoint;
+pub mod model_hub;
+pub mod scheduler_metrics;
 pub mod scheduler_service;
+pub mod sim_executor;
 pub mod tokenizer_service;

@@ -22,6 +22,7 @@ use pagemesh_shared::{EngineConfig, FinishReason};
 use serde_json::json;
 
 use crate::bus::{decode, Bus, BusError, OrderedPublisher};
+use crate::scheduler_metrics::{ExecutorMetrics, ModelMetrics, RequestTiming};
 
 /// Limits and timeouts of the scheduler service.
 #[derive(Debug, Clone)]
@@ -45,6 +46,7 @@ struct ExecutorSlot {
     core: Scheduler,
     last_seen: Instant,
     in_flight: bool,
+    metrics: ExecutorMetrics,
 }
 
 struct RequestState {
@@ -56,6 +58,7 @@ struct RequestState {
     finished: Vec<Option<FinishReason>>,
     /// How far the detokenizer's published chunks got (from its acks).
     acked: DetokenizerAck,
+    timing: RequestTiming,
 }
 
 impl RequestState {
@@ -95,6 +98,7 @@ pub struct SchedulerService {
     lost: HashMap<String, Instant>,
     /// Requests moved off lost executors so far.
     migrated: u64,
+    metrics: ModelMetrics,
 }
 
 enum Incoming {
@@ -120,6 +124,7 @@ impl SchedulerService {
     /// A scheduler service.
     pub fn new(bus: Bus, config: SchedulerConfig) -> Self {
         Self {
+            metrics: ModelMetrics::new(&config.model),
             bus,
             outbox: None,
             config,
@@ -149,6 +154,7 @@ impl SchedulerService {
         kind: ErrorKind,
         message: String,
     ) {
+        self.metrics.error(kind);
         self.publish(ctx, reply_to.to_string(), ErrorReply::new(Some(request_id.to_string()), kind, message));
     }
 
@@ -162,6 +168,7 @@ impl SchedulerService {
     }
 
     fn on_submit(&mut self, submit: SubmitRequest, ctx: &mut Context<Self>) {
+        self.metrics.received();
         if self.requests.contains_key(&submit.request_id) {
             let message = format!("a request with id `{}` is already running", submit.request_id);
             self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::InvalidRequest, message);
@@ -200,6 +207,7 @@ impl SchedulerService {
             generated: vec![Vec::new(); n],
             finished: vec![None; n],
             acked,
+            timing: RequestTiming::arrived(),
         }
     }
 
@@ -257,6 +265,9 @@ impl SchedulerService {
             }
             return;
         }
+        if !resumed {
+            slot.metrics.admitted(submit.prompt_token_ids.len());
+        }
         self.by_core.insert(core_id, request_id.to_string());
         let needs_detokenizer = state.detokenizer.is_empty();
         let detokenizer = match needs_detokenizer {
@@ -313,6 +324,14 @@ impl SchedulerService {
         }
         let Some(plan) = slot.core.schedule() else { return };
         slot.in_flight = true;
+        slot.metrics.step_sent(&plan);
+        let now = Instant::now();
+        for seq in &plan.seqs {
+            let request = slot.core.request_of(seq.seq_id).and_then(|core_id| self.by_core.get(&core_id));
+            if let Some(state) = request.and_then(|id| self.requests.get_mut(id)) {
+                state.timing.scheduled(&self.metrics, now);
+            }
+        }
         let bus = self.bus.clone();
         let subject = bus.subjects.executor_step(executor);
         let timeout = self.config.step_timeout;
@@ -328,6 +347,7 @@ impl SchedulerService {
     }
 
     fn route(&mut self, events: Vec<RequestEvent>, ctx: &mut Context<Self>) {
+        let now = Instant::now();
         let mut batches: Vec<(String, Vec<TokenEvent>)> = Vec::new();
         for event in events {
             let Some(request_id) = self.by_core.get(&event.request_id).cloned() else { continue };
@@ -348,9 +368,13 @@ impl SchedulerService {
             }
         }
         for (request_id, tokens) in batches {
-            let Some(state) = self.requests.get(&request_id) else { continue };
+            let Some(state) = self.requests.get_mut(&request_id) else { continue };
+            if tokens.iter().any(|t| t.token.is_some()) {
+                state.timing.tokens(&self.metrics, now);
+            }
             let subject = self.bus.subjects.detokenizer_events(&state.detokenizer);
             if state.all_finished() {
+                state.timing.finished(&self.metrics);
                 // Done on the executor; the state stays until the detokenizer's last chunk is
                 // out (its ack), so that a lost detokenizer's stream can still be finished.
                 let core_id = state.core_id;
@@ -370,6 +394,8 @@ impl SchedulerService {
             Ok(StepReply::Done(output)) => {
                 slot.in_flight = false;
                 let events = slot.core.process_output(&output);
+                slot.metrics.step_done(&slot.core);
+                slot.metrics.generated(output.results.iter().map(|r| r.samples.len()).sum());
                 self.route(events, ctx);
                 self.drive(&done.executor, ctx);
             }
@@ -386,9 +412,8 @@ impl SchedulerService {
 
     /// Drops an executor and moves its requests to the others (or waits for one).
     fn lose_executor(&mut self, executor: &str, ctx: &mut Context<Self>) {
-        if self.executors.remove(executor).is_none() {
-            return;
-        }
+        let Some(slot) = self.executors.remove(executor) else { return };
+        self.metrics.executor_lost();
         self.lost.insert(executor.to_string(), Instant::now());
         eprintln!("scheduler: executor {executor} is gone; moving its requests");
         let mut moved: Vec<String> = self
@@ -399,6 +424,7 @@ impl SchedulerService {
             .collect();
         moved.sort_by_key(|id| self.requests.get(id).map(|s| s.core_id));
         self.migrated += moved.len() as u64;
+        slot.metrics.lost(moved.len());
         for id in moved {
             if let Some(state) = self.requests.get_mut(&id) {
                 self.by_core.remove(&state.core_id);
@@ -527,6 +553,7 @@ impl SchedulerService {
             core: Scheduler::new(config, self.config.eos_token_ids.clone()),
             last_seen: now,
             in_flight: false,
+            metrics: ExecutorMetrics::new(&self.config.model, &registration.executor_id),
         };
         self.executors.insert(registration.executor_id, slot);
         self.place_unplaced(ctx);
@@ -568,6 +595,10 @@ impl SchedulerService {
         for id in expired {
             self.fail(ctx, &id, "no executor is available to serve this request");
         }
+        for slot in self.executors.values_mut() {
+            slot.metrics.sync(&slot.core);
+        }
+        self.metrics.population(self.executors.len(), self.detokenizers.len(), self.unplaced.len());
     }
 
     fn stats(&self) -> serde_json::Value {

@@ -4,9 +4,11 @@
 //! error on its reply inbox at once. It also answers tokenize, detokenize and models.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 use futures::StreamExt;
+use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest};
 use pagemesh_shared::subjects::TOKENIZER_QUEUE;
 use pagemesh_tokenizer::TextTokenizer;
@@ -15,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::bus::{new_id, Bus};
 use crate::chat::PromptRenderer;
+use crate::scheduler_metrics::request_error;
 
 /// What the tokenizer knows of the model.
 pub struct ModelInfo {
@@ -216,6 +219,12 @@ impl TokenizerService {
         }
     }
 
+    /// Records how long an operation took.
+    fn observe(&self, operation: &'static str, started: Instant) {
+        let series = [(labels::MODEL, self.model.name.clone()), (labels::OPERATION, operation.to_string())];
+        metrics::histogram!(names::TOKENIZER_DURATION, &series).record(started.elapsed().as_secs_f64());
+    }
+
     fn models(&self) -> Value {
         json!({"object": "list", "data": [{"id": self.model.name, "object": "model", "owned_by": "pagemesh",
                                             "max_model_len": self.model.max_model_len}]})
@@ -268,7 +277,13 @@ impl StreamHandler<Incoming> for TokenizerService {
                     eprintln!("tokenizer: a generate request without a reply inbox was dropped");
                     return;
                 };
-                match self.prepare(&msg.payload, &reply) {
+                let started = Instant::now();
+                let prepared = self.prepare(&msg.payload, &reply);
+                self.observe("generate", started);
+                if let Err((_, rejection)) = &prepared {
+                    request_error(&self.model.name, rejection.kind);
+                }
+                match prepared {
                     Ok(submit) => ctx.spawn(
                         async move {
                             if let Err(e) = bus.publish_json(bus.subjects.submit(), &submit).await {
@@ -292,10 +307,15 @@ impl StreamHandler<Incoming> for TokenizerService {
             }
             Incoming::Tokenize(msg) | Incoming::Detokenize(msg) | Incoming::Models(msg) => {
                 let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else { return };
+                let started = Instant::now();
                 let answer = if msg.subject.as_str() == bus.subjects.tokenize() {
-                    self.tokenize(&msg.payload)
+                    let answer = self.tokenize(&msg.payload);
+                    self.observe("tokenize", started);
+                    answer
                 } else if msg.subject.as_str() == bus.subjects.detokenize() {
-                    self.detokenize(&msg.payload)
+                    let answer = self.detokenize(&msg.payload);
+                    self.observe("detokenize", started);
+                    answer
                 } else {
                     self.models()
                 };

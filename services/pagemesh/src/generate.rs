@@ -101,7 +101,8 @@ fn output_json(line: &InputLine, out: &RequestOutput, tokenizer: &TextTokenizer)
 }
 
 /// Runs the command.
-pub fn run(args: GenerateArgs) -> Result<(), String> {
+pub fn run(mut args: GenerateArgs) -> Result<(), String> {
+    args.engine.model = pagemesh_mesh::model_hub::resolve(&args.engine.model)?;
     let tokenizer = TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?;
     let mut engine = args.engine.build()?;
     let input = std::fs::File::open(&args.input).map_err(|e| format!("cannot open {}: {e}", args.input.display()))?;

@@ -38,6 +38,9 @@ enum Command {
     Executor(launch::ExecutorArgs),
     /// A detokenizer (incremental text, stop strings, chunks to the client).
     Detokenizer(launch::DetokenizerArgs),
+    /// Make sure a model is on this machine (fetch a Hugging Face Hub id into the cache) and
+    /// print its directory.
+    Fetch(pagemesh_mesh::model_hub::FetchArgs),
 }
 
 fn main() {
@@ -52,6 +55,7 @@ fn main() {
         Command::Scheduler(args) => launch::scheduler(args),
         Command::Executor(args) => launch::executor(args),
         Command::Detokenizer(args) => launch::detokenizer(args),
+        Command::Fetch(args) => pagemesh_mesh::model_hub::fetch(args),
     };
     if let Err(message) = result {
         eprintln!("error: {message}");

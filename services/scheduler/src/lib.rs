@@ -62,6 +62,7 @@
 #![warn(missing_docs)]
 
 pub mod block_manager;
+mod id_map;
 #[cfg(test)]
 mod proptests;
 mod request;
@@ -73,4 +74,4 @@ mod testing;
 pub use block_manager::{BlockError, BlockManager, Location};
 pub use request::{AdmissionError, NewRequest, RequestEvent};
 pub use scheduler::{validate_config, Scheduler};
-pub use stats::{BlockUsage, SchedulerStats};
+pub use stats::{BlockUsage, KvOccupancy, SchedulerStats};

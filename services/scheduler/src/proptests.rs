@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use pagemesh_shared::{EngineConfig, PreemptionMode, SamplingParams};
+use pagemesh_shared::{EngineConfig, KvAllocation, PreemptionMode, SamplingParams};
 use proptest::prelude::*;
 
 use crate::testing::{Harness, SampleOutput};
@@ -112,6 +112,7 @@ fn config(p: &Pools, mode: PreemptionMode, caching: bool, max_waiting: usize) ->
         max_waiting_requests: max_waiting,
         max_waiting_tokens: 40 * max_waiting,
         max_model_len: 40,
+        kv_allocation: KvAllocation::Paged,
     }
 }
 

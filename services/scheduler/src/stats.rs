@@ -37,3 +37,13 @@ pub struct BlockUsage {
     /// Host blocks free.
     pub host_free: usize,
 }
+
+/// Device KV slots in use and how many of them hold tokens (see
+/// [`Scheduler::kv_occupancy`](crate::Scheduler::kv_occupancy)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KvOccupancy {
+    /// Slots of device blocks that are in use (referenced), `blocks × block_size`.
+    pub allocated_slots: usize,
+    /// Those slots holding a token's K/V (computed or being computed).
+    pub filled_slots: usize,
+}

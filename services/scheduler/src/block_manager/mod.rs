@@ -21,9 +21,9 @@ mod pool;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
-
 use pagemesh_shared::{BlockId, SeqId};
+
+use crate::id_map::{IdMap, IdSet};
 
 pub use hash::block_hash;
 use hash::extend_chain;
@@ -93,7 +93,7 @@ pub struct BlockManager {
     enable_prefix_caching: bool,
     device: BlockPool,
     host: BlockPool,
-    tables: HashMap<SeqId, SeqBlocks>,
+    tables: IdMap<SeqId, SeqBlocks>,
 }
 
 impl BlockManager {
@@ -114,7 +114,7 @@ impl BlockManager {
             enable_prefix_caching,
             device: BlockPool::new(num_device_blocks),
             host: BlockPool::new(num_host_blocks),
-            tables: HashMap::new(),
+            tables: IdMap::default(),
         }
     }
 
@@ -267,6 +267,23 @@ impl BlockManager {
         }
         self.tables.insert(seq, SeqBlocks { blocks, location: Location::Device, hashes, registered: hits });
         Ok(hits * self.block_size)
+    }
+
+    /// Extends the device table of `seq` with fresh blocks until it covers `num_tokens`
+    /// positions (reservation up front, for the contiguous baseline allocator).
+    pub fn reserve(&mut self, seq: SeqId, num_tokens: usize) -> Result<(), BlockError> {
+        self.expect_location(seq, Location::Device)?;
+        let want = self.blocks_for(num_tokens);
+        let t = self.tables.get_mut(&seq).expect("location was checked");
+        let needed = want.saturating_sub(t.blocks.len());
+        let free = self.device.num_free();
+        if free < needed {
+            return Err(BlockError::OutOfDeviceBlocks { needed, free });
+        }
+        while t.blocks.len() < want {
+            t.blocks.push(self.device.allocate().expect("free device blocks were counted"));
+        }
+        Ok(())
     }
 
     /// Free blocks (of each sequence's own pool) that appending positions `start .. end` to
@@ -440,7 +457,7 @@ impl BlockManager {
             Location::Device => (&mut self.device, &mut self.host),
             Location::Host => (&mut self.host, &mut self.device),
         };
-        let mut map: HashMap<BlockId, BlockId> = HashMap::new();
+        let mut map: IdMap<BlockId, BlockId> = IdMap::default();
         let mut pairs = Vec::with_capacity(needed);
         for s in seqs {
             let t = self.tables.get_mut(s).expect("location was checked");
@@ -472,7 +489,7 @@ impl BlockManager {
         Ok(pairs)
     }
 
-    fn distinct_blocks(&self, seqs: &[SeqId]) -> std::collections::HashSet<BlockId> {
+    fn distinct_blocks(&self, seqs: &[SeqId]) -> IdSet<BlockId> {
         seqs.iter().filter_map(|s| self.tables.get(s)).flat_map(|t| t.blocks.iter().copied()).collect()
     }
 

@@ -1,7 +1,7 @@
 //! One pool of physical KV blocks: reference counts, the free list and (device pool only)
 //! the prefix cache with its evictable LRU list.
 
-use std::collections::HashMap;
+use crate::id_map::IdMap;
 
 use pagemesh_shared::BlockId;
 
@@ -21,7 +21,7 @@ pub(crate) struct BlockPool {
     /// The prefix-cache hash a block is registered under.
     hash_of: Vec<Option<u64>>,
     /// Prefix-cache index: block hash → block.
-    cache: HashMap<u64, BlockId>,
+    cache: IdMap<u64, BlockId>,
     /// Reference count 0 and cached, least recently released first.
     evictable: LruList,
 }
@@ -38,7 +38,7 @@ impl BlockPool {
             ref_counts: vec![0; num_blocks],
             free: (0..num_blocks as BlockId).rev().collect(),
             hash_of: vec![None; num_blocks],
-            cache: HashMap::new(),
+            cache: IdMap::default(),
             evictable: LruList::new(num_blocks),
         }
     }

@@ -1,5 +1,7 @@
 //! Unit tests of the block manager on its own.
 
+use std::collections::HashMap;
+
 use super::*;
 
 fn check(bm: &BlockManager) {

@@ -1,5 +1,7 @@
 //! `add_request`: validation and queueing of new requests.
 
+use pagemesh_shared::KvAllocation;
+
 use crate::request::{AdmissionError, NewRequest};
 
 use super::group::{stop_tokens, Group, GroupState, Sequence};
@@ -42,6 +44,16 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Positions a sequence of up to `max_len` tokens holds blocks for from admission on
+    /// (0 for paged allocation, which takes blocks as tokens are written).
+    pub(super) fn reserved_len(&self, max_len: usize) -> usize {
+        match self.config.kv_allocation {
+            KvAllocation::Paged => 0,
+            KvAllocation::Contiguous => max_len,
+            KvAllocation::ContiguousMaxLen => self.config.max_model_len,
+        }
+    }
+
     fn check_admission(&self, req: &NewRequest) -> Result<(), AdmissionError> {
         if !req.resumed_output.is_empty() && (req.params.n != 1 || req.resumed_output.len() >= req.params.max_tokens) {
             return Err(AdmissionError::Invalid(
@@ -58,6 +70,9 @@ impl Scheduler {
             return Err(AdmissionError::DuplicateId(req.request_id));
         }
         let n = req.params.n;
+        if n > 1 && cfg.kv_allocation.is_contiguous() {
+            return Err(AdmissionError::Invalid("the contiguous allocators take n = 1 only".into()));
+        }
         if n > cfg.max_num_seqs {
             return Err(AdmissionError::Invalid(format!(
                 "n ({n}) exceeds the most sequences per step (max_num_seqs = {})",
@@ -72,7 +87,7 @@ impl Scheduler {
         // Worst case with no sharing at all: after a recompute preemption the samples are
         // re-prefilled as independent sequences. Anything within this bound can always run
         // to completion alone, which is what guarantees progress.
-        let needed_blocks = n.saturating_mul(self.blocks.blocks_for(max_len));
+        let needed_blocks = n.saturating_mul(self.blocks.blocks_for(max_len.max(self.reserved_len(max_len))));
         if needed_blocks > cfg.num_device_blocks {
             return Err(AdmissionError::DoesNotFit { needed_blocks, n, max_len, pool_blocks: cfg.num_device_blocks });
         }

@@ -18,13 +18,14 @@ mod step;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use pagemesh_shared::{EngineConfig, FinishReason, SeqId};
 
 use crate::block_manager::BlockManager;
+use crate::id_map::IdMap;
 use crate::request::RequestEvent;
-use crate::stats::{BlockUsage, SchedulerStats};
+use crate::stats::{BlockUsage, KvOccupancy, SchedulerStats};
 use group::{Group, GroupState};
 
 /// What the plan in flight scheduled for one sequence.
@@ -50,9 +51,9 @@ pub struct Scheduler {
     config: EngineConfig,
     eos_token_ids: Vec<u32>,
     blocks: BlockManager,
-    groups: HashMap<u64, Group>,
+    groups: IdMap<u64, Group>,
     /// Live sequence → (request id, index in its group).
-    seq_owner: HashMap<SeqId, (u64, usize)>,
+    seq_owner: IdMap<SeqId, (u64, usize)>,
     /// Request ids, ordered by arrival.
     waiting: VecDeque<u64>,
     /// Request ids, ordered by arrival.
@@ -96,18 +97,16 @@ impl Scheduler {
         if let Err(e) = validate_config(&config) {
             panic!("invalid engine config: {e}");
         }
-        let blocks = BlockManager::new(
-            config.block_size,
-            config.num_device_blocks,
-            config.num_host_blocks,
-            config.enable_prefix_caching,
-        );
+        // The contiguous baselines model systems without block sharing.
+        let prefix_caching = config.enable_prefix_caching && !config.kv_allocation.is_contiguous();
+        let blocks =
+            BlockManager::new(config.block_size, config.num_device_blocks, config.num_host_blocks, prefix_caching);
         Self {
             config,
             eos_token_ids,
             blocks,
-            groups: HashMap::new(),
-            seq_owner: HashMap::new(),
+            groups: IdMap::default(),
+            seq_owner: IdMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             swapped: VecDeque::new(),
@@ -158,6 +157,32 @@ impl Scheduler {
             device_free: self.blocks.num_free_device_blocks(),
             host_total: self.blocks.num_host_blocks(),
             host_free: self.blocks.num_free_host_blocks(),
+        }
+    }
+
+    /// Token slots of device blocks in use, and how many of them hold a token whose K/V is
+    /// computed or being computed by the plan in flight (shared blocks counted once).
+    pub fn kv_occupancy(&self) -> KvOccupancy {
+        let bs = self.config.block_size;
+        let in_flight: IdMap<SeqId, usize> =
+            self.in_flight.iter().flat_map(|f| f.seqs.iter().map(|s| (s.seq_id, s.end))).collect();
+        let mut filled_per_block = vec![0u32; self.blocks.num_device_blocks()];
+        for gid in &self.running {
+            let group = &self.groups[gid];
+            for seq in group.live().map(|i| &group.seqs[i]) {
+                let filled = in_flight.get(&seq.seq_id).copied().unwrap_or(seq.num_computed);
+                let table = self.blocks.block_table(seq.seq_id).unwrap_or(&[]);
+                for (i, &block) in table.iter().enumerate() {
+                    let in_block = filled.saturating_sub(i * bs).min(bs) as u32;
+                    let slot = &mut filled_per_block[block as usize];
+                    *slot = (*slot).max(in_block);
+                }
+            }
+        }
+        let used_blocks = self.blocks.num_device_blocks() - self.blocks.num_free_device_blocks();
+        KvOccupancy {
+            allocated_slots: used_blocks * bs,
+            filled_slots: filled_per_block.iter().map(|&n| n as usize).sum(),
         }
     }
 

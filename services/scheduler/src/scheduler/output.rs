@@ -1,7 +1,7 @@
 //! `process_output`: applying a step's results — computed positions, sampled tokens,
 //! forks of `n > 1` requests after their prefill, and stop checks.
 
-use std::collections::HashMap;
+use crate::id_map::IdMap;
 
 use pagemesh_shared::{FinishReason, SampledToken, SeqId, SeqResult, StepOutput};
 
@@ -29,7 +29,7 @@ impl Scheduler {
             self.in_flight = Some(in_flight);
             return Vec::new();
         }
-        let results: HashMap<SeqId, &SeqResult> = output.results.iter().map(|r| (r.seq_id, r)).collect();
+        let results: IdMap<SeqId, &SeqResult> = output.results.iter().map(|r| (r.seq_id, r)).collect();
         let mut events = Vec::new();
         let mut finished_any = false;
         for s in &in_flight.seqs {

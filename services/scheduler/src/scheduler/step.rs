@@ -213,7 +213,11 @@ impl Scheduler {
             if b.budget == 0 || b.slots + group.slots() > self.config.max_num_seqs {
                 break;
             }
-            let cost: usize = group.live().map(|i| self.blocks.allocation_cost(&group.seqs[i].tokens)).sum();
+            let reserved = self.reserved_len(group.prompt_len + group.params.max_tokens);
+            let cost: usize = group
+                .live()
+                .map(|i| self.blocks.allocation_cost(&group.seqs[i].tokens).max(self.blocks.blocks_for(reserved)))
+                .sum();
             if self.blocks.num_free_device_blocks() < cost + watermark || !self.allocate_group(gid) {
                 break;
             }
@@ -228,12 +232,22 @@ impl Scheduler {
     /// Gives every live sequence of a waiting request its device blocks (sharing cached
     /// prefixes), or nothing at all.
     fn allocate_group(&mut self, gid: u64) -> bool {
+        let group = &self.groups[&gid];
+        let reserved = self.reserved_len(group.prompt_len + group.params.max_tokens);
         let group = self.groups.get_mut(&gid).expect("waiting request exists");
         let live: Vec<usize> = group.live().collect();
         let (mut queried, mut hit) = (0, 0);
         for (n, &idx) in live.iter().enumerate() {
             let seq = &mut group.seqs[idx];
-            match self.blocks.allocate(seq.seq_id, &seq.tokens) {
+            let allocated = self.blocks.allocate(seq.seq_id, &seq.tokens);
+            let reservation = match allocated {
+                Ok(_) => self.blocks.reserve(seq.seq_id, reserved),
+                Err(_) => Ok(()),
+            };
+            if reservation.is_err() {
+                self.blocks.free(seq.seq_id);
+            }
+            match allocated.and_then(|cached| reservation.map(|()| cached)) {
                 Ok(cached) => {
                     seq.num_computed = cached;
                     queried += seq.tokens.len() as u64;

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use pagemesh_shared::{
-    EngineConfig, FinishReason, PreemptionMode, SampledToken, SamplingParams, ScheduledSeq, SeqResult, StepOutput,
-    StepPlan,
+    EngineConfig, FinishReason, KvAllocation, PreemptionMode, SampledToken, SamplingParams, ScheduledSeq, SeqResult,
+    StepOutput, StepPlan,
 };
 
 use crate::testing::{Harness, SampleOutput};
@@ -25,6 +25,7 @@ fn config(block_size: usize, device: usize, host: usize, max_seqs: usize, max_to
         max_waiting_requests: 100,
         max_waiting_tokens: 10_000,
         max_model_len: 256,
+        kv_allocation: KvAllocation::Paged,
     }
 }
 
@@ -570,4 +571,67 @@ fn a_resumed_request_continues_where_its_sample_stopped() {
         Scheduler::new(config(4, 64, 0, 8, 64), vec![0]).add_request(bad),
         Err(AdmissionError::Invalid(_))
     ));
+}
+
+fn contiguous_config(allocation: KvAllocation) -> EngineConfig {
+    EngineConfig { kv_allocation: allocation, enable_prefix_caching: true, ..config(4, 40, 0, 16, 256) }
+}
+
+#[test]
+fn the_contiguous_baseline_reserves_prompt_plus_max_tokens_at_admission() {
+    let mut h = Harness::new(contiguous_config(KvAllocation::Contiguous), vec![0], VOCAB);
+    // prompt 6 + max_tokens 10 = 16 positions = 4 blocks each: 10 requests fit 40 blocks, but
+    // the watermark (1% of 40 = 0 blocks) aside, admission stops when the reservations do.
+    for id in 1..=12 {
+        h.add(id, prompt(id as u32, 6), params(10)).expect("accepted");
+    }
+    assert!(h.step());
+    assert_eq!(h.sched.num_running(), 10, "40 blocks hold ten 4-block reservations");
+    assert_eq!(h.block_usage_used(), 40);
+    let occupancy = h.sched.kv_occupancy();
+    assert_eq!(occupancy.allocated_slots, 160);
+    assert_eq!(occupancy.filled_slots, 60, "ten prompts of 6 tokens are being written");
+    for _ in 0..3 {
+        assert!(h.step());
+        assert_eq!(h.block_usage_used(), 40, "decodes take no blocks: they were reserved");
+    }
+    h.drain();
+    assert_eq!(h.sched.stats().preemptions_swap + h.sched.stats().preemptions_recompute, 0);
+    assert_eq!(h.sched.stats().prefix_cache_queried_tokens, 0, "no prefix caching in the baseline");
+    let requests: Vec<_> = (1..=12).map(|id| (id, prompt(id as u32, 6), params(10))).collect();
+    assert_eq!(h.outputs, reference_outputs(&requests), "same tokens as paged allocation");
+}
+
+#[test]
+fn paged_allocation_admits_what_the_contiguous_baseline_must_hold_back() {
+    let mut paged = Harness::new(EngineConfig { ..config(4, 40, 0, 16, 256) }, vec![0], VOCAB);
+    for id in 1..=12 {
+        paged.add(id, prompt(id as u32, 6), params(10)).expect("accepted");
+    }
+    assert!(paged.step());
+    assert_eq!(paged.sched.num_running(), 12, "paged: 2 blocks per prompt");
+    let occupancy = paged.sched.kv_occupancy();
+    assert_eq!(occupancy.allocated_slots, 12 * 8);
+    assert_eq!(occupancy.filled_slots, 12 * 6);
+}
+
+#[test]
+fn the_max_len_baseline_reserves_the_whole_context_and_refuses_n_above_one() {
+    let mut h = Harness::new(contiguous_config(KvAllocation::ContiguousMaxLen), vec![0], VOCAB);
+    // max_model_len 256 = 64 blocks: more than the 40-block pool, so nothing fits at all.
+    let err = h.add(1, prompt(1, 6), params(10)).expect_err("a 64-block reservation never fits 40 blocks");
+    assert!(matches!(err, AdmissionError::DoesNotFit { needed_blocks: 64, .. }), "{err:?}");
+    let cfg = EngineConfig { max_model_len: 32, ..contiguous_config(KvAllocation::ContiguousMaxLen) };
+    let mut h = Harness::new(cfg, vec![0], VOCAB);
+    for id in 1..=6 {
+        h.add(id, prompt(id as u32, 6), params(10)).expect("accepted");
+    }
+    assert!(h.step());
+    assert_eq!(h.sched.num_running(), 5, "8 blocks each: five fit in 40");
+    let err = h
+        .add(9, prompt(9, 6), SamplingParams { n: 2, ..params(4) })
+        .expect_err("n = 2 is refused by the contiguous baselines");
+    assert!(matches!(err, AdmissionError::Invalid(_)), "{err:?}");
+    h.drain();
+    check(&h.sched);
 }

@@ -1,19 +1,12 @@
-//! `pagemesh bench`: measured figures of the engine.
+//! `pagemesh bench engine`: decode and prefill speed of the engine in process.
 
 use std::time::Instant;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use pagemesh_shared::SamplingParams;
 use serde_json::json;
 
 use pagemesh_mesh::engine_args::EngineArgs;
-
-/// Benchmarks.
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Decode tokens/s at several batch sizes and prefill tokens/s, in process.
-    Engine(EngineBenchArgs),
-}
 
 /// Flags of `pagemesh bench engine`.
 #[derive(Args, Debug)]
@@ -79,10 +72,10 @@ fn run_batch(
     Ok(split)
 }
 
-/// Runs a benchmark.
-pub fn run(cmd: BenchCommand) -> Result<(), String> {
-    match cmd {
-        BenchCommand::Engine(args) => {
+/// Runs `pagemesh bench engine`.
+pub fn run(args: EngineBenchArgs) -> Result<(), String> {
+    {
+        {
             let mut engine = args.engine.build()?;
             let dtype = format!("{:?}", engine.executor().model().dtype());
             let threads = rayon::current_num_threads();
