@@ -266,6 +266,15 @@ def test_prometheus_scrapes_every_service_and_sees_the_traffic(split_mesh, prome
     assert prometheus.value("sum(pagemesh_executor_step_seconds_count)") > 0
     services = {r["metric"]["service"] for r in prometheus.query("pagemesh_build_info")}
     assert services == set(SERVICES)
+    # What Prometheus saw, for the log (`pytest -s`).
+    p50 = prometheus.value("histogram_quantile(0.5, sum by (le) (pagemesh_time_to_first_token_seconds_bucket))")
+    print(f"\nprometheus: {len(targets)}/{len(targets)} targets up; {traffic['requests']} requests, "
+          f"{traffic['prompt_tokens']} prompt and {traffic['completion_tokens']} generated tokens; "
+          f"TTFT p50 {p50:.3f} s, p99 {p99:.3f} s; "
+          f"peak KV usage {prometheus.value('max(max_over_time(pagemesh_kv_usage_ratio[5m]))'):.2f}; "
+          f"{prometheus.value('sum(pagemesh_preemptions_total)'):.0f} preemptions, "
+          f"{prometheus.value('sum(pagemesh_blocks_swapped_out_total)'):.0f} blocks swapped out; "
+          f"{prometheus.value('sum(pagemesh_prefix_cache_hit_tokens_total)'):.0f} prefix-cache hit tokens")
 
 
 def test_every_metric_of_the_dashboard_and_alerts_is_exported(split_mesh, traffic):

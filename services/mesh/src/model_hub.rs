@@ -242,11 +242,27 @@ mod tests {
         HubSettings { cache_dir: cache_dir.to_path_buf(), offline, token: None, endpoint: None }
     }
 
-    fn scratch(name: &str) -> PathBuf {
+    /// A fresh directory under the system temp dir, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> Scratch {
         let dir = std::env::temp_dir().join(format!("pagemesh-hub-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
-        dir
+        Scratch(dir)
     }
 
     /// Lays out a snapshot the way the hub cache does: blobs named by hash, the snapshot's
@@ -291,7 +307,7 @@ mod tests {
         }
         // An existing directory is local even when it reads like a hub id.
         let dir = scratch("existing");
-        assert_eq!(parse(&dir), ModelSource::Local(dir.clone()));
+        assert_eq!(parse(&dir), ModelSource::Local(dir.to_path_buf()));
         assert_eq!(default_name(Path::new("owner/tiny@v2")), "tiny");
         assert_eq!(default_name(Path::new("../shared/models/stories260K")), "stories260K");
     }
