@@ -62,7 +62,9 @@ def main():
     a = p.parse_args()
     allocators(a.bin, a.num_requests, "llama-2-13b", "a100-80gb")
     rate_sweep(a.bin, 2000, "llama-2-13b", "a100-80gb", [1, 2, 3, 4, 5, 6, 8])
-    for model, gpu in (("llama-2-7b", "rtx4090-24gb"), ("llama-3-8b", "rtx4090-24gb"), ("llama-3-8b", "h100-80gb")):
+    others = (("llama-2-13b", "a100-40gb"), ("llama-2-7b", "rtx4090-24gb"), ("llama-3-8b", "rtx4090-24gb"),
+              ("llama-3-8b", "h100-80gb"))
+    for model, gpu in others:
         allocators(a.bin, a.num_requests, model, gpu)
     print("\nchatglm3-6b on 24 GB cards, ShareGPT-like, all at once\n")
     print("| GPU | max-num-seqs | KV pool (tokens) | peak running | mean running | output tok/s | TPOT p50 (s) |")

@@ -109,6 +109,10 @@ pub struct Chunk {
     /// Log-probabilities of the new tokens, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<SampledToken>>,
+    /// With `logprobs`: what each of those tokens and its alternatives read as in context,
+    /// entry for entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprob_texts: Option<Vec<TokenTexts>>,
     /// Set on a sample's last chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<FinishReason>,
@@ -121,6 +125,16 @@ pub struct Chunk {
     /// The prompt's token ids, on the first chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
+}
+
+/// The texts of one sampled token and of its `top_logprobs` alternatives, in the same order:
+/// what each adds to the text at that point (held-back bytes it completes included).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TokenTexts {
+    /// The sampled token's text.
+    pub text: String,
+    /// The alternatives' texts.
+    pub top: Vec<String>,
 }
 
 /// Kinds of errors, with the HTTP status a gateway maps them to.

@@ -77,3 +77,60 @@ def test_tokenize_detokenize_and_models(mesh, reference):
     assert [m.id for m in models.data] == ["stories260K"]
     r = httpx.get(mesh.base + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]
+
+
+def logit_gaps(pairs):
+    """Values sorted high to low, as gaps below the highest: log-softmax and raw logits agree on
+    these."""
+    values = sorted(pairs, reverse=True)
+    return [v - values[0] for v in values]
+
+
+def test_completion_logprobs_follow_the_openai_format_and_the_reference_logits(mesh, reference):
+    client = openai.OpenAI(base_url=mesh.base + "/v1", api_key="x")
+    for case in reference[:3]:
+        positions = case["first_decode_positions_top5"]
+        kwargs = dict(model="stories260K", prompt=case["prompt_ids"], max_tokens=len(positions), temperature=0,
+                      logprobs=5)
+        choice = client.completions.create(**kwargs).choices[0]
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(positions)
+        # Token texts (leading spaces included) add up to the text, and offsets follow them.
+        assert "".join(lp.tokens) == choice.text == case["generated_text"][:len(choice.text)]
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        for k, position in enumerate(positions):
+            top = lp.top_logprobs[k]
+            assert 1 <= len(top) <= 5
+            # Greedy: the chosen token is the most likely one, and is listed with its logprob.
+            assert lp.token_logprobs[k] == max(top.values()) == top[lp.tokens[k]] <= 0
+            # The gaps between the alternatives are those between the reference's logits.
+            reference_gaps = logit_gaps(v for _, v in position["top5"])[:len(top)]
+            assert logit_gaps(top.values()) == pytest.approx(reference_gaps, abs=1e-4)
+        # Streamed, the same objects arrive a token at a time, offsets continuing across chunks.
+        streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for chunk in client.completions.create(**kwargs, stream=True):
+            if chunk.choices and chunk.choices[0].logprobs:
+                for key in streamed:
+                    streamed[key] += getattr(chunk.choices[0].logprobs, key)
+        assert streamed == {key: getattr(lp, key) for key in streamed}
+
+
+def test_chat_logprobs_list_tokens_with_bytes_and_alternatives(chat_mesh):
+    client = openai.OpenAI(base_url=chat_mesh.base + "/v1", api_key="sekret")
+    kwargs = dict(model="stories-chat", messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=8,
+                  temperature=0, logprobs=True, top_logprobs=3)
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    content = choice.logprobs.content
+    assert len(content) == 8
+    assert "".join(t.token for t in content) == choice.message.content
+    for t in content:
+        assert t.bytes == list(t.token.encode())
+        assert len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob <= 0
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+    streamed = [t for chunk in client.chat.completions.create(**kwargs, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.content]
+    assert streamed == content
+    # Without `logprobs`, none.
+    plain = client.chat.completions.create(**{**kwargs, "logprobs": None, "top_logprobs": None}).choices[0]
+    assert plain.logprobs is None and plain.message.content == choice.message.content

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
     AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, ResumePoint,
-    TokenEvent, Usage,
+    TokenEvent, TokenTexts, Usage,
 };
 use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
@@ -29,6 +29,7 @@ struct SampleStream {
     /// Ids (and logprobs) consumed since the last chunk.
     new_ids: Vec<u32>,
     new_logprobs: Vec<SampledToken>,
+    new_texts: Vec<TokenTexts>,
     /// Set once the sample has ended.
     finished: Option<FinishReason>,
     /// Whether its last chunk is out.
@@ -38,6 +39,7 @@ struct SampleStream {
     text: String,
     ids: Vec<u32>,
     logprobs: Vec<SampledToken>,
+    texts: Vec<TokenTexts>,
 }
 
 /// One request's stream.
@@ -64,12 +66,14 @@ impl RequestStream {
                 pending: String::new(),
                 new_ids: Vec::new(),
                 new_logprobs: Vec::new(),
+                new_texts: Vec::new(),
                 finished: None,
                 closed: false,
                 tokens: 0,
                 text: String::new(),
                 ids: Vec::new(),
                 logprobs: Vec::new(),
+                texts: Vec::new(),
             })
             .collect();
         let max_stop_chars = open.stop.iter().map(|s| s.chars().count()).max().unwrap_or(0);
@@ -108,10 +112,12 @@ impl RequestStream {
             if self.open.stream {
                 s.new_ids.clear();
                 s.new_logprobs.clear();
+                s.new_texts.clear();
             } else {
                 s.text.push_str(&released);
                 s.ids.append(&mut s.new_ids);
                 s.logprobs.append(&mut s.new_logprobs);
+                s.texts.append(&mut s.new_texts);
             }
             if point.closed.get(i).copied().unwrap_or(false) {
                 s.closed = true;
@@ -141,6 +147,12 @@ impl RequestStream {
             sample.tokens += 1;
             sample.new_ids.push(token.token);
             if self.open.logprobs {
+                let text_of = |id| sample.decode.token_text(tokenizer, id).unwrap_or_default();
+                let texts = TokenTexts {
+                    text: text_of(token.token),
+                    top: token.top_logprobs.iter().map(|&(id, _)| text_of(id)).collect(),
+                };
+                sample.new_texts.push(texts);
                 sample.new_logprobs.push(token.clone());
             }
             if let Ok(delta) = sample.decode.push(tokenizer, token.token) {
@@ -175,6 +187,7 @@ impl RequestStream {
                 s.text.push_str(&text);
                 s.ids.append(&mut s.new_ids);
                 s.logprobs.append(&mut s.new_logprobs);
+                s.texts.append(&mut s.new_texts);
             }
             return chunks;
         }
@@ -187,13 +200,16 @@ impl RequestStream {
             let mut text: String = s.pending.drain(..release).collect();
             let mut ids = std::mem::take(&mut s.new_ids);
             let mut logprobs = std::mem::take(&mut s.new_logprobs);
+            let mut texts = std::mem::take(&mut s.new_texts);
             if !self.open.stream {
                 s.text.push_str(&text);
                 s.ids.append(&mut ids);
                 s.logprobs.append(&mut logprobs);
+                s.texts.append(&mut texts);
                 text = std::mem::take(&mut s.text);
                 ids = std::mem::take(&mut s.ids);
                 logprobs = std::mem::take(&mut s.logprobs);
+                texts = std::mem::take(&mut s.texts);
             }
             if text.is_empty() && ids.is_empty() && s.finished.is_none() {
                 continue;
@@ -206,6 +222,7 @@ impl RequestStream {
                 text,
                 token_ids: ids,
                 logprobs: self.open.logprobs.then_some(logprobs),
+                logprob_texts: self.open.logprobs.then_some(texts),
                 finish_reason: s.finished,
                 done: false,
                 usage: None,
@@ -220,6 +237,7 @@ impl RequestStream {
                 text: String::new(),
                 token_ids: Vec::new(),
                 logprobs: None,
+                logprob_texts: None,
                 finish_reason: None,
                 done: false,
                 usage: None,

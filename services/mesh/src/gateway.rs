@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::bus::{new_id, Bus};
+use crate::openai_logprobs::{chat_logprobs, completion_logprobs};
 
 /// Longest wait for a request's next chunk.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(600);
@@ -377,6 +378,7 @@ async fn generate(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes,
         body.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
     let model = body.get("model").and_then(Value::as_str).unwrap_or("").to_string();
     let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+    let with_logprobs = request.get("logprobs").is_some();
     let mut chunks = match open_stream(&state.bus, &request).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -400,6 +402,7 @@ async fn generate(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes,
         let is_chat = matches!(endpoint, Endpoint::Chat);
         let head = futures::stream::iter(std::iter::once(Ok::<_, ErrorReply>(first)));
         let mut role_sent = vec![false; n];
+        let mut text_offsets = vec![0usize; n];
         // The guard lives as long as the response body: a client that goes away drops it armed.
         let events = head.chain(chunks).map(move |item| -> Result<Bytes, actix_web::Error> {
             // Borrowing the whole guard makes the closure own it (not just its field).
@@ -424,8 +427,14 @@ async fn generate(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes,
                     } else {
                         json!({"index": i, "text": chunk.text, "logprobs": null, "finish_reason": finish_name(chunk.finish_reason)})
                     };
-                    if chunk.logprobs.is_some() {
-                        choice["logprobs"] = json!({"token_ids": chunk.token_ids, "content": chunk.logprobs});
+                    if let Some(logprobs) = &chunk.logprobs {
+                        let texts = chunk.logprob_texts.as_deref();
+                        choice["logprobs"] = if is_chat {
+                            chat_logprobs(logprobs, texts)
+                        } else {
+                            let mut unused = 0;
+                            completion_logprobs(logprobs, texts, text_offsets.get_mut(i).unwrap_or(&mut unused))
+                        };
                     }
                     let object = if is_chat { "chat.completion.chunk" } else { "text_completion" };
                     let payload = json!({"id": chunk.request_id, "object": object, "created": created, "model": model,
@@ -455,6 +464,7 @@ async fn generate(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes,
     }
     let mut texts = vec![String::new(); n];
     let mut finish = vec![None; n];
+    let mut logprobs = vec![(Vec::new(), Vec::new()); n];
     let mut usage = None;
     let mut item = Some(Ok(first));
     while let Some(next) = item {
@@ -462,6 +472,10 @@ async fn generate(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes,
             Ok(chunk) => {
                 if let Some(t) = texts.get_mut(chunk.sample_index as usize) {
                     t.push_str(&chunk.text);
+                }
+                if let (Some(l), Some(new)) = (logprobs.get_mut(chunk.sample_index as usize), chunk.logprobs) {
+                    l.0.extend(new);
+                    l.1.extend(chunk.logprob_texts.unwrap_or_default());
                 }
                 if chunk.finish_reason.is_some() {
                     if let Some(f) = finish.get_mut(chunk.sample_index as usize) {
@@ -484,13 +498,18 @@ async fn generate(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes,
     let choices: Vec<Value> = texts
         .into_iter()
         .zip(finish)
+        .zip(logprobs)
         .enumerate()
-        .map(|(i, (text, f))| match endpoint {
+        .map(|(i, ((text, f), (tokens, token_texts)))| match endpoint {
             Endpoint::Completions => {
-                json!({"index": i, "text": text, "logprobs": null, "finish_reason": finish_name(f)})
+                let logprobs = with_logprobs.then(|| completion_logprobs(&tokens, Some(&token_texts), &mut 0));
+                json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_name(f)})
             }
-            Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": text},
-                                     "logprobs": null, "finish_reason": finish_name(f)}),
+            Endpoint::Chat => {
+                let logprobs = with_logprobs.then(|| chat_logprobs(&tokens, Some(&token_texts)));
+                json!({"index": i, "message": {"role": "assistant", "content": text},
+                       "logprobs": logprobs, "finish_reason": finish_name(f)})
+            }
         })
         .collect();
     let usage = usage.map(|u| usage_json(&u)).unwrap_or(Value::Null);

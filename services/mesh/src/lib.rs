@@ -22,6 +22,7 @@ pub mod gateway;
 pub mod launch;
 pub mod metrics_endpoint;
 pub mod model_hub;
+pub mod openai_logprobs;
 pub mod scheduler_metrics;
 pub mod scheduler_service;
 pub mod sim_executor;

@@ -19,7 +19,7 @@ pub struct SimArgs {
     /// llama-2-13b, llama-3-8b, chatglm3-6b).
     #[arg(long, default_value = "llama-2-7b")]
     pub sim_model: String,
-    /// With `--device sim`: the GPU simulated (a100-80gb, h100-80gb, rtx4090-24gb, a10-24gb).
+    /// With `--device sim`: the GPU simulated (a100-80gb, a100-40gb, h100-80gb, rtx4090-24gb, a10-24gb).
     #[arg(long, default_value = "a100-80gb")]
     pub sim_gpu: String,
     /// With `--device sim`: real seconds slept per simulated second (0: answer at once).

@@ -201,6 +201,11 @@ mod tests {
         let expected = 0.9 * 80.0 * (1u64 << 30) as f64 - cm.model.weight_bytes() as f64;
         assert!(kv_bytes < expected && kv_bytes > expected - 1.5e9, "{kv_bytes} vs {expected}");
         assert_eq!(sizes.num_host_blocks, (4usize << 30) / (819_200 * 16));
+        // 40 GB: the same weights leave 40 GiB less for K/V.
+        let half = CostModel::new(gpu("a100-40gb").expect("preset"), model("llama-2-13b").expect("preset"), 16);
+        let half_sizes = half.pool_sizes(0.9, 2048, 4 << 30).expect("13B fits a 40 GB card");
+        let lost_bytes = (sizes.num_device_blocks - half_sizes.num_device_blocks) as f64 * cm.block_bytes() as f64;
+        assert!((lost_bytes - 0.9 * 40.0 * (1u64 << 30) as f64).abs() < 2.0 * cm.block_bytes() as f64, "{lost_bytes}");
         let small = CostModel::new(gpu("24gb").expect("preset"), model("llama-2-13b").expect("preset"), 16);
         let err = small.pool_sizes(0.9, 2048, 0).expect_err("26 GB of weights do not fit 24 GB");
         assert!(err.contains("no room"), "{err}");

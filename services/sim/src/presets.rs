@@ -29,6 +29,13 @@ pub const GPUS: &[GpuSpec] = &[
         host_bandwidth: 25e9,
     },
     GpuSpec {
+        name: "a100-40gb",
+        memory_bytes: 40 * GIB,
+        matmul_flops: 312e12,
+        memory_bandwidth: 1.555e12,
+        host_bandwidth: 25e9,
+    },
+    GpuSpec {
         name: "h100-80gb",
         memory_bytes: 80 * GIB,
         matmul_flops: 989e12,

@@ -172,6 +172,22 @@ impl DecodeState {
         }
     }
 
+    /// The text `id` would add if pushed now, without pushing it: what a token (or an
+    /// alternative to it) reads as in context, for log-probabilities. Like [`Self::push`] it
+    /// includes held-back bytes that `id` completes into characters; a token that leaves a
+    /// character incomplete reads as its text alone (U+FFFD for a lone byte).
+    pub fn token_text(&self, tokenizer: &TextTokenizer, id: u32) -> Result<String, TokenizerError> {
+        let released = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let mut with = self.ids[self.prefix_offset..].to_vec();
+        with.push(id);
+        let full = tokenizer.decode(&with)?;
+        if full.len() > released.len() && !full.ends_with('\u{FFFD}') {
+            Ok(full.get(released.len()..).unwrap_or("").to_string())
+        } else {
+            tokenizer.decode(&[id])
+        }
+    }
+
     /// Returns whatever is held back (an incomplete character decodes as U+FFFD).
     pub fn flush(&mut self, tokenizer: &TextTokenizer) -> Result<String, TokenizerError> {
         if self.read_offset == self.ids.len() {

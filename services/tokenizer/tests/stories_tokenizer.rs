@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use pagemesh_tokenizer::{IncrementalDecoder, TextTokenizer};
+use pagemesh_tokenizer::{DecodeState, IncrementalDecoder, TextTokenizer};
 use serde_json::Value;
 
 fn model_dir() -> PathBuf {
@@ -68,4 +68,32 @@ fn incremental_decoding_equals_whole_decoding_and_never_splits_a_character() {
         }
     }
     assert!(checked_multibyte > 100, "only {checked_multibyte} byte-fallback strings");
+}
+
+#[test]
+fn token_texts_in_context_add_up_to_the_streamed_text() {
+    let tok = TextTokenizer::load(&model_dir()).expect("tokenizer");
+    let prompt = tok.encode("Sam found a café").expect("encode");
+    let mut joined_ascii = 0;
+    for (text, ids) in cases() {
+        let mut state = DecodeState::new(&prompt);
+        let mut texts = String::new();
+        for &id in &ids {
+            let alone = state.token_text(&tok, id).expect("token text");
+            // Peeking does not change the state.
+            assert_eq!(state.token_text(&tok, id).expect("token text"), alone);
+            texts.push_str(&alone);
+            state.push(&tok, id).expect("push");
+        }
+        let generated = tok.generated_text(&prompt, &ids).expect("generated text");
+        if text.is_ascii() {
+            // Whole-token texts join into exactly the generated text (leading spaces included).
+            assert_eq!(texts, generated, "{text:?}");
+            joined_ascii += 1;
+        } else {
+            // A character split over byte tokens reads as U+FFFD until its last byte.
+            assert_eq!(texts.replace('\u{FFFD}', ""), generated.replace('\u{FFFD}', ""), "{text:?}");
+        }
+    }
+    assert!(joined_ascii > 1000, "{joined_ascii}");
 }

@@ -14,7 +14,7 @@ pub struct SimBenchArgs {
     /// Model shape: llama-2-7b, llama-2-13b, llama-3-8b or chatglm3-6b.
     #[arg(long)]
     model: String,
-    /// GPU: a100-80gb, h100-80gb, rtx4090-24gb (or 24gb) or a10-24gb.
+    /// GPU: a100-80gb, a100-40gb, h100-80gb, rtx4090-24gb (or 24gb) or a10-24gb.
     #[arg(long)]
     gpu: String,
     /// Workload: sharegpt, alpaca, or a JSONL file (`{"prompt_len": N, "output_len": M}` per line).
