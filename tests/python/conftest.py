@@ -120,6 +120,10 @@ class Mesh:
         assert status == 200, body
         return body
 
+    def steps(self):
+        """Steps the executors have run so far."""
+        return sum(e["stats"]["steps"] for e in self.stats()["executors"])
+
     def all_blocks_free(self):
         s = self.stats()
         return s["requests"] == 0 and all(

@@ -1,5 +1,5 @@
 """The rest of the HTTP API: chat completions through the openai client (with a model that has a
-chat template), tokenize/detokenize, models, API keys."""
+chat template), tokenize/detokenize, models, API keys, logprobs, batched prompts."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import MODEL, Mesh, http_json
+from conftest import MODEL, Mesh, http_json, wait_for
 
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}{{ m['content'] }}"
             "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
@@ -134,3 +134,66 @@ def test_chat_logprobs_list_tokens_with_bytes_and_alternatives(chat_mesh):
     # Without `logprobs`, none.
     plain = client.chat.completions.create(**{**kwargs, "logprobs": None, "top_logprobs": None}).choices[0]
     assert plain.logprobs is None and plain.message.content == choice.message.content
+
+
+def test_a_list_of_prompts_fans_out_into_n_choices_per_prompt_in_order(mesh, reference):
+    client = openai.OpenAI(base_url=mesh.base + "/v1", api_key="x")
+    cases = reference[:3]
+    max_tokens = 12
+    for prompts in ([c["prompt"] for c in cases], [c["prompt_ids"] for c in cases]):
+        kwargs = dict(model="stories260K", prompt=prompts, max_tokens=max_tokens, temperature=0, n=2)
+        r = client.completions.create(**kwargs)
+        assert [c.index for c in r.choices] == list(range(2 * len(cases)))
+        for choice in r.choices:
+            # Choice k * n + s is sample s of prompt k: greedy, the reference's text for that prompt.
+            expected = cases[choice.index // 2]["generated_text"]
+            assert choice.text and expected.startswith(choice.text), (choice.index, choice.text)
+            assert choice.finish_reason == "length"
+        assert r.usage.prompt_tokens == sum(len(c["prompt_ids"]) for c in cases)
+        assert r.usage.completion_tokens == 2 * len(cases) * max_tokens
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        # Streamed: the same choices, one finish per choice, one usage chunk at the very end.
+        texts, finishes, usages, ids = {}, {}, [], set()
+        for chunk in client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+            assert not usages, "nothing follows the usage chunk"
+            ids.add(chunk.id)
+            if chunk.usage:
+                usages.append(chunk.usage)
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+                if c.finish_reason:
+                    assert c.index not in finishes
+                    finishes[c.index] = c.finish_reason
+        assert texts == {c.index: c.text for c in r.choices}
+        assert finishes == {c.index: "length" for c in r.choices}
+        assert usages == [r.usage]
+        assert len(ids) == 1 and ids.pop().startswith("cmpl-")
+    wait_for(mesh.all_blocks_free, timeout=5.0, what="blocks freed after the batched requests")
+
+
+def test_a_batched_request_that_fails_or_is_dropped_frees_every_block(mesh):
+    client = openai.OpenAI(base_url=mesh.base + "/v1", api_key="x", max_retries=0)
+    too_long = "once upon a time " * 400
+    wait_for(mesh.all_blocks_free, timeout=5.0, what="an idle mesh")
+    steps_before = mesh.steps()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="stories260K", prompt=["Once upon a time", too_long, "Lily"],
+                                  max_tokens=300, extra_body={"ignore_eos": True})
+    assert "prompt" in refused.value.message
+    wait_for(mesh.all_blocks_free, timeout=5.0, what="the other prompts aborted after the error")
+    # Run to the end, the other two prompts would have taken 300 steps.
+    assert mesh.steps() - steps_before < 150
+    steps_before = mesh.steps()
+    with httpx.Client(timeout=30) as h:
+        body = {"model": "stories260K", "prompt": ["Once upon a time", "Lily", "The cat"], "max_tokens": 400,
+                "ignore_eos": True, "stream": True}
+        with h.stream("POST", mesh.base + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            events = (line for line in r.iter_lines() if line.startswith("data: "))
+            indices = {json.loads(next(events)[6:])["choices"][0]["index"] for _ in range(6)}
+            assert indices <= {0, 1, 2} and mesh.stats()["requests"] == 3
+    wait_for(mesh.all_blocks_free, timeout=2.0, what="every prompt aborted after the disconnect")
+    assert mesh.steps() - steps_before < 200
+    for prompt, why in (([], "empty"), (["a", 3], "mixed"), ([[1, 2], []], "empty ids")):
+        status, answer = http_json(mesh.base + "/v1/completions", {"model": "stories260K", "prompt": prompt})
+        assert status == 400 and answer["error"]["param"] == "prompt", why

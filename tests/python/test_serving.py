@@ -104,7 +104,9 @@ def test_invalid_utf8_and_bad_json_on_nats_get_error_replies(mesh):
     asyncio.run(run())
 
 
-def test_a_client_that_disconnects_frees_its_blocks_within_a_second(mesh):
+def test_a_client_that_disconnects_frees_its_blocks_and_stops_its_request(mesh):
+    wait_for(mesh.all_blocks_free, timeout=5.0, what="an idle mesh")
+    steps_before = mesh.steps()
     with httpx.Client(timeout=30) as h:
         with h.stream("POST", mesh.base + "/v1/completions",
                       json={"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 400,
@@ -122,6 +124,32 @@ def test_a_client_that_disconnects_frees_its_blocks_within_a_second(mesh):
     gone = time.time()
     wait_for(mesh.all_blocks_free, timeout=1.0, what="blocks freed after the disconnect")
     assert time.time() - gone <= 1.0
+    # Run to the end, the request would have taken 400 steps: it was stopped well before.
+    assert mesh.steps() - steps_before < 200
+
+
+def test_an_abort_that_comes_before_its_request_ends_it_at_once(mesh):
+    import nats as nats_py
+
+    async def run():
+        nc = await nats_py.connect(mesh.nats.url)
+        try:
+            await nc.publish(f"{mesh.prefix}.abort", json.dumps({"request_id": "gone-early"}).encode())
+            await nc.flush()
+            body = {"request_id": "gone-early", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+            msg = await nc.request(f"{mesh.prefix}.generate", json.dumps(body).encode(), timeout=10)
+            data = json.loads(msg.data)
+            assert "aborted before it started" in data["error"]["message"], data
+            # Remembered once: the same id sent again runs.
+            body["max_tokens"] = 3
+            msg = await nc.request(f"{mesh.prefix}.generate", json.dumps(body).encode(), timeout=10)
+            assert "error" not in json.loads(msg.data)
+        finally:
+            await nc.close()
+    steps_before = mesh.steps()
+    asyncio.run(run())
+    wait_for(mesh.all_blocks_free, timeout=5.0, what="all blocks free")
+    assert mesh.steps() - steps_before < 50
 
 
 def test_queue_full_is_refused_at_once_and_the_server_keeps_serving(nats):

@@ -13,9 +13,11 @@
 
 pub mod bus;
 pub mod chat;
+pub mod chunk_streams;
 pub mod cuda_device;
 pub mod detokenizer_service;
 pub mod device_args;
+pub mod early_aborts;
 pub mod engine_args;
 pub mod executor_service;
 pub mod gateway;
@@ -23,6 +25,7 @@ pub mod launch;
 pub mod metrics_endpoint;
 pub mod model_hub;
 pub mod openai_logprobs;
+pub mod openai_request;
 pub mod scheduler_metrics;
 pub mod scheduler_service;
 pub mod sim_executor;

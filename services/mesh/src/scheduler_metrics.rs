@@ -224,6 +224,11 @@ impl ModelMetrics {
         request_error(&self.model, kind);
     }
 
+    /// A request ended aborted before it was scheduled (its abort came first).
+    pub fn aborted(&self) {
+        metrics::counter!(names::REQUESTS_ABORTED, labels::MODEL => self.model.clone()).increment(1);
+    }
+
     /// An executor was dropped.
     pub fn executor_lost(&self) {
         self.executors_lost.increment(1);

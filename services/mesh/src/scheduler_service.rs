@@ -6,6 +6,8 @@
 //! with the most free blocks. An executor that misses its heartbeats or a step's deadline is
 //! dropped and its requests move to the others, re-prefilled from prompt + tokens so far, so
 //! the client's stream goes on. With no executor, requests wait (bounded in count and time).
+//! An abort that arrives before its request is remembered ([`EarlyAborts`]), so that a request
+//! whose client is already gone never runs.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -22,6 +24,7 @@ use pagemesh_shared::{EngineConfig, FinishReason};
 use serde_json::json;
 
 use crate::bus::{decode, Bus, BusError, OrderedPublisher};
+use crate::early_aborts::EarlyAborts;
 use crate::scheduler_metrics::{ExecutorMetrics, ModelMetrics, RequestTiming};
 
 /// Limits and timeouts of the scheduler service.
@@ -98,6 +101,8 @@ pub struct SchedulerService {
     lost: HashMap<String, Instant>,
     /// Requests moved off lost executors so far.
     migrated: u64,
+    /// Aborts that came before their request.
+    early_aborts: EarlyAborts,
     metrics: ModelMetrics,
 }
 
@@ -137,6 +142,7 @@ impl SchedulerService {
             next_detokenizer: 0,
             lost: HashMap::new(),
             migrated: 0,
+            early_aborts: EarlyAborts::default(),
         }
     }
 
@@ -172,6 +178,14 @@ impl SchedulerService {
         if self.requests.contains_key(&submit.request_id) {
             let message = format!("a request with id `{}` is already running", submit.request_id);
             self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::InvalidRequest, message);
+            return;
+        }
+        if self.early_aborts.take(&submit.request_id, Instant::now()) {
+            // Its client gave up while it was on its way: it ends before it takes any block.
+            self.metrics.aborted();
+            let message = format!("request `{}` was aborted before it started", submit.request_id);
+            let error = ErrorReply::new(Some(submit.request_id), ErrorKind::InvalidRequest, message);
+            self.publish(ctx, submit.reply_to, error);
             return;
         }
         if self.executors.is_empty() || self.detokenizers.is_empty() {
@@ -439,7 +453,10 @@ impl SchedulerService {
     }
 
     fn on_abort(&mut self, request_id: &str, ctx: &mut Context<Self>) {
-        let Some(state) = self.requests.get(request_id) else { return };
+        let Some(state) = self.requests.get(request_id) else {
+            self.early_aborts.remember(request_id, Instant::now());
+            return;
+        };
         match state.executor.clone() {
             Some(executor) => {
                 let core_id = state.core_id;
