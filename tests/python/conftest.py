@@ -2,13 +2,16 @@
 
 The `pagemesh` binary is taken from $PAGEMESH_BIN, else target/debug/pagemesh (what
 `cargo test` / `cargo build` leave there; tests/run builds it). The stories260K model comes from $PAGEMESH_TEST_MODEL, else
-../shared/models/stories260K beside the repository.
+../shared/models/stories260K beside the repository. Each process's output goes to a log in a
+temporary folder, removed when every test passed and named at the end otherwise.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +22,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("PAGEMESH_BIN", ROOT / "target" / "debug" / "pagemesh"))
 MODEL = Path(os.environ.get("PAGEMESH_TEST_MODEL", ROOT.parent / "shared" / "models" / "stories260K"))
+# Every process's output, kept only when a test fails.
+LOGS = Path(tempfile.mkdtemp(prefix="pagemesh-test-logs-"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(LOGS, ignore_errors=True)
+    else:
+        print(f"\nprocess logs of the mesh tests: {LOGS}")
 
 
 def free_port():
@@ -55,7 +67,7 @@ def http_json(url, body=None, method=None, headers=None, timeout=30):
 class Process:
     def __init__(self, args, name):
         self.name = name
-        self.log = open(f"/tmp/pagemesh-test-{name}-{os.getpid()}.log", "w")
+        self.log = open(LOGS / f"{name}.log", "a")
         self.proc = subprocess.Popen([str(BIN), *args], stdout=self.log, stderr=subprocess.STDOUT)
 
     def kill(self, sig=9):
