@@ -1,5 +1,7 @@
 //! Per-request sampling parameters (named as in the OpenAI API and vLLM) and their validation.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// How tokens are chosen for one request.
@@ -36,6 +38,10 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past the model's eos.
     pub ignore_eos: bool,
+    /// Added to the logits of these token ids before sampling (-100 all but bans a token,
+    /// 100 all but forces it), as in the OpenAI API. JSON keys are the ids as strings.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "logit_bias_from_json")]
+    pub logit_bias: BTreeMap<u32, f32>,
 }
 
 impl Default for SamplingParams {
@@ -55,14 +61,32 @@ impl Default for SamplingParams {
             logprobs: None,
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logit_bias: BTreeMap::new(),
         }
     }
+}
+
+/// Reads `logit_bias` keys as token ids, whether the map comes straight from JSON or through
+/// a flattened request (where serde hands keys over as strings).
+fn logit_bias_from_json<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<u32, f32>, D::Error> {
+    let by_text = BTreeMap::<String, f32>::deserialize(deserializer)?;
+    by_text
+        .into_iter()
+        .map(|(key, bias)| match key.trim().parse::<u32>() {
+            Ok(token) => Ok((token, bias)),
+            Err(_) => Err(serde::de::Error::custom(format!("logit_bias keys must be token ids, got `{key}`"))),
+        })
+        .collect()
 }
 
 /// Most alternatives `logprobs` may ask for.
 pub const MAX_LOGPROBS: usize = 20;
 /// Most parallel samples per request.
 pub const MAX_N: usize = 128;
+/// Most tokens `logit_bias` may name.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+/// The largest bias `logit_bias` may give, either way.
+pub const LOGIT_BIAS_LIMIT: f32 = 100.0;
 
 impl SamplingParams {
     /// Greedy decoding of `max_tokens` tokens.
@@ -112,7 +136,26 @@ impl SamplingParams {
                 return Err(format!("logprobs must be at most {MAX_LOGPROBS}, got {k}"));
             }
         }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(format!("logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {}", self.logit_bias.len()));
+        }
+        if let Some((token, bias)) =
+            self.logit_bias.iter().find(|(_, b)| !(-LOGIT_BIAS_LIMIT..=LOGIT_BIAS_LIMIT).contains(*b))
+        {
+            return Err(format!("logit_bias for token {token} must be in [-100, 100], got {bias}"));
+        }
         Ok(())
+    }
+
+    /// Checks that every token id named (`stop_token_ids`, `logit_bias`) is in a vocabulary of
+    /// `vocab_size` tokens.
+    pub fn check_vocab(&self, vocab_size: usize) -> Result<(), String> {
+        let named = self.stop_token_ids.iter().map(|t| ("stop_token_ids", t));
+        let mut named = named.chain(self.logit_bias.keys().map(|t| ("logit_bias", t)));
+        match named.find(|(_, &t)| t as usize >= vocab_size) {
+            Some((field, t)) => Err(format!("{field}: token id {t} is outside the vocabulary (size {vocab_size})")),
+            None => Ok(()),
+        }
     }
 
     /// Whether any of the history-dependent penalties is active.
@@ -140,6 +183,12 @@ mod tests {
             SamplingParams { logprobs: Some(MAX_LOGPROBS + 1), ..Default::default() },
             SamplingParams { min_tokens: 20, max_tokens: 10, ..Default::default() },
             SamplingParams { repetition_penalty: 0.0, ..Default::default() },
+            SamplingParams { logit_bias: [(3, 100.5)].into(), ..Default::default() },
+            SamplingParams { logit_bias: [(3, f32::NAN)].into(), ..Default::default() },
+            SamplingParams {
+                logit_bias: (0..=MAX_LOGIT_BIAS as u32).map(|t| (t, 1.0)).collect(),
+                ..Default::default()
+            },
         ];
         for p in bad {
             assert!(p.validate().is_err(), "{p:?} should be rejected");
@@ -153,5 +202,16 @@ mod tests {
         let ok: SamplingParams = serde_json::from_str(r#"{"max_tokens": 3, "temperature": 0}"#).unwrap();
         assert_eq!(ok.max_tokens, 3);
         assert!(ok.is_greedy());
+    }
+
+    #[test]
+    fn logit_bias_keys_are_token_ids_in_the_vocabulary() {
+        let p: SamplingParams = serde_json::from_str(r#"{"logit_bias": {"7": -100, "12": 2.5}}"#).unwrap();
+        assert_eq!(p.logit_bias, [(7, -100.0), (12, 2.5)].into());
+        assert!(p.validate().is_ok() && p.check_vocab(13).is_ok());
+        assert!(p.check_vocab(12).unwrap_err().contains("token id 12"));
+        assert!(serde_json::from_str::<SamplingParams>(r#"{"logit_bias": {"seven": 1}}"#).is_err());
+        let stop = SamplingParams { stop_token_ids: vec![40], ..Default::default() };
+        assert!(stop.check_vocab(40).unwrap_err().starts_with("stop_token_ids"));
     }
 }

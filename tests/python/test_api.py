@@ -197,3 +197,30 @@ def test_a_batched_request_that_fails_or_is_dropped_frees_every_block(mesh):
     for prompt, why in (([], "empty"), (["a", 3], "mixed"), ([[1, 2], []], "empty ids")):
         status, answer = http_json(mesh.base + "/v1/completions", {"model": "stories260K", "prompt": prompt})
         assert status == 400 and answer["error"]["param"] == "prompt", why
+
+
+def test_logit_bias_steers_greedy_decoding_and_bad_biases_are_refused(mesh, reference):
+    client = openai.OpenAI(base_url=mesh.base + "/v1", api_key="x", max_retries=0)
+    case = reference[0]
+    best, runner_up = (token for token, _ in case["first_decode_positions_top5"][0]["top5"][:2])
+    kwargs = dict(model="stories260K", prompt=case["prompt_ids"], max_tokens=1, temperature=0, logprobs=2)
+    plain = client.completions.create(**kwargs).choices[0].logprobs
+    # -100 on the reference's first token: greedy takes the runner-up instead. The reported
+    # logprobs stay the model's, so the chosen token is the second most likely one listed.
+    biased = client.completions.create(**kwargs, logit_bias={str(best): -100}).choices[0].logprobs
+    ranked = sorted(plain.top_logprobs[0], key=plain.top_logprobs[0].get, reverse=True)
+    assert plain.tokens[0] == ranked[0] and biased.tokens[0] == ranked[1]
+    assert biased.top_logprobs[0] == plain.top_logprobs[0]
+    # +100 on one token: it is chosen at every step (the same token text four times), where
+    # greedy decoding alone follows the reference.
+    forced = client.completions.create(**{**kwargs, "max_tokens": 4, "logprobs": 0},
+                                       logit_bias={str(runner_up + 7): 100}).choices[0]
+    tokens = forced.logprobs.tokens
+    assert len(tokens) == 4 and len(set(tokens)) == 1 and "".join(tokens) == forced.text
+    status, alone = http_json(mesh.base + "/detokenize", {"tokens": [runner_up + 7]})
+    assert status == 200 and tokens[0].strip() == alone["prompt"].strip()
+    assert not case["generated_text"].startswith(forced.text)
+    for bias, why in (({"abc": 1}, "not an id"), ({str(best): 101}, "over 100"), ({"99999": 1}, "out of vocabulary")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(**kwargs, logit_bias=bias)
+        assert "logit_bias" in refused.value.message, why

@@ -1,4 +1,4 @@
-//! Choosing the next token from logits: penalties, greedy, temperature, top-k, top-p, min-p,
+//! Choosing the next token from logits: bans, logit bias, penalties, greedy, temperature, top-k, top-p, min-p,
 //! seeded randomness and log-probabilities.
 //!
 //! Randomness is a pure function of (request seed, sample index, output position), so the same
@@ -166,6 +166,11 @@ pub fn sample(logits: &[f32], spec: &SampleSpec, history: &[u32], sample_index: 
             *l = f32::NEG_INFINITY;
         }
     }
+    for (&t, &bias) in &params.logit_bias {
+        if let Some(l) = processed.get_mut(t as usize) {
+            *l += bias;
+        }
+    }
     apply_penalties(&mut processed, params, history, spec.prompt_len);
     let token = if params.is_greedy() {
         argmax(&processed) as u32
@@ -214,6 +219,25 @@ mod tests {
         let mut sp = spec(SamplingParams::greedy(1));
         sp.banned_tokens = vec![1, 2];
         assert_eq!(sample(&logits, &sp, &[], 0).token, 3);
+    }
+
+    #[test]
+    fn logit_bias_moves_the_pick_but_not_the_reported_logprobs() {
+        let logits = [1.0, 3.0, 2.0, 0.5];
+        let mut params = SamplingParams::greedy(1);
+        params.logit_bias = [(1, -100.0), (3, 1.0)].into();
+        params.logprobs = Some(1);
+        let s = sample(&logits, &spec(params.clone()), &[], 0);
+        assert_eq!(s.token, 2);
+        // Log-probabilities are those of the model, before any processing.
+        assert_eq!(s.logprob, Some(log_softmax(&logits)[2]));
+        assert_eq!(s.top_logprobs[0].0, 1);
+        params.logit_bias = [(3, 100.0)].into();
+        assert_eq!(sample(&logits, &spec(params), &[], 0).token, 3);
+        // A banned token stays banned whatever its bias.
+        let mut sp = spec(SamplingParams { logit_bias: [(1, 100.0)].into(), ..SamplingParams::greedy(1) });
+        sp.banned_tokens = vec![1];
+        assert_eq!(sample(&logits, &sp, &[], 0).token, 2);
     }
 
     #[test]

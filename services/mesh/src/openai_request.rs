@@ -25,10 +25,10 @@ const SAMPLING_FIELDS: &[&str] = &[
     "seed",
     "stop_token_ids",
     "ignore_eos",
+    "logit_bias",
 ];
 /// Fields accepted and ignored (OpenAI fields without effect here).
-const IGNORED_FIELDS: &[&str] =
-    &["user", "stream_options", "logit_bias", "skip_special_tokens", "spaces_between_special_tokens"];
+const IGNORED_FIELDS: &[&str] = &["user", "stream_options", "skip_special_tokens", "spaces_between_special_tokens"];
 
 /// A request refused before it reaches the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -125,6 +125,7 @@ impl TokenizerService {
         let fail = |r: Rejection| (Some(request_id.clone()), r);
         self.check_model(request.model.as_deref()).map_err(fail)?;
         request.params.validate().map_err(|m| fail(invalid(m)))?;
+        request.params.check_vocab(self.model.vocab_size).map_err(|m| fail(invalid(m)))?;
         let prompt_token_ids = match (&request.prompt, &request.messages) {
             (Some(_), Some(_)) => return Err(fail(invalid("give either `prompt` or `messages`, not both"))),
             (None, None) => return Err(fail(invalid("missing `prompt` (or `messages`)"))),

@@ -54,6 +54,7 @@ fn parse_line(line: &str, tokenizer: &TextTokenizer) -> Result<InputLine, String
         }
     })?;
     params.validate()?;
+    params.check_vocab(tokenizer.vocab_size())?;
     match (prompt, ids) {
         (Some(Value::String(text)), None) => {
             let ids = tokenizer.encode(&text).map_err(|e| e.to_string())?;
