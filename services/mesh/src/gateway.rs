@@ -106,13 +106,51 @@ struct Answer {
     include_usage: bool,
 }
 
-async fn generate(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes, endpoint: Endpoint) -> HttpResponse {
-    if let Err(r) = check_auth(&state, &req) {
-        return api_error(&r);
+/// Largest body accepted when the NATS server does not say how large a message may be.
+const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+/// Room left in a NATS message for what the gateway adds to a body (request ids, defaults).
+const ENVELOPE_BYTES: usize = 1024;
+
+/// Reads a request body of at most what one NATS message can carry (the server's
+/// `max_payload`), with an OpenAI-style 413 above it.
+async fn read_body(state: &GatewayState, mut payload: web::Payload) -> Result<Bytes, HttpResponse> {
+    let max_payload = state.bus.client.server_info().max_payload;
+    let limit = if max_payload == 0 { DEFAULT_BODY_LIMIT } else { max_payload.saturating_sub(ENVELOPE_BYTES) };
+    let mut body = web::BytesMut::new();
+    while let Some(piece) = payload.next().await {
+        let piece = piece.map_err(|e| error_response(400, "invalid_request_error", e.to_string(), None))?;
+        if body.len() + piece.len() > limit {
+            let message = format!(
+                "the request body is over {limit} bytes, the most one NATS message carries here \
+                 (raise the NATS server's max_payload for larger requests)"
+            );
+            return Err(error_response(413, "invalid_request_error", message, None));
+        }
+        body.extend_from_slice(&piece);
     }
-    let body = match parse_object(&body) {
+    Ok(body.freeze())
+}
+
+/// Checks the API key, then reads the body as a JSON object.
+async fn authorized_object(
+    state: &GatewayState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Map<String, Value>, HttpResponse> {
+    check_auth(state, req).map_err(|e| api_error(&e))?;
+    let body = read_body(state, payload).await?;
+    parse_object(&body).map_err(|e| api_error(&e))
+}
+
+async fn generate(
+    state: web::Data<GatewayState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    endpoint: Endpoint,
+) -> HttpResponse {
+    let body = match authorized_object(&state, &req, payload).await {
         Ok(b) => b,
-        Err(r) => return api_error(&r),
+        Err(r) => return r,
     };
     let prefix = match endpoint {
         Endpoint::Completions => "cmpl",
@@ -269,12 +307,12 @@ async fn gather_answer(answer: Answer, first: Chunk, mut chunks: ChunkStream) ->
                                    "model": answer.model, "choices": choices, "usage": usage}))
 }
 
-async fn completions(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes) -> HttpResponse {
-    generate(state, req, body, Endpoint::Completions).await
+async fn completions(state: web::Data<GatewayState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    generate(state, req, payload, Endpoint::Completions).await
 }
 
-async fn chat_completions(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes) -> HttpResponse {
-    generate(state, req, body, Endpoint::Chat).await
+async fn chat_completions(state: web::Data<GatewayState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    generate(state, req, payload, Endpoint::Chat).await
 }
 
 async fn control(state: &GatewayState, subject: String, body: &Value) -> HttpResponse {
@@ -294,23 +332,17 @@ async fn models(state: web::Data<GatewayState>, req: HttpRequest) -> HttpRespons
     control(&state, state.bus.subjects.models(), &json!({})).await
 }
 
-async fn tokenize(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes) -> HttpResponse {
-    if let Err(r) = check_auth(&state, &req) {
-        return api_error(&r);
-    }
-    match parse_object(&body) {
+async fn tokenize(state: web::Data<GatewayState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    match authorized_object(&state, &req, payload).await {
         Ok(map) => control(&state, state.bus.subjects.tokenize(), &Value::Object(map)).await,
-        Err(r) => api_error(&r),
+        Err(r) => r,
     }
 }
 
-async fn detokenize(state: web::Data<GatewayState>, req: HttpRequest, body: Bytes) -> HttpResponse {
-    if let Err(r) = check_auth(&state, &req) {
-        return api_error(&r);
-    }
-    match parse_object(&body) {
+async fn detokenize(state: web::Data<GatewayState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    match authorized_object(&state, &req, payload).await {
         Ok(map) => control(&state, state.bus.subjects.detokenize(), &Value::Object(map)).await,
-        Err(r) => api_error(&r),
+        Err(r) => r,
     }
 }
 
