@@ -74,6 +74,12 @@ pub struct GenerateRequest {
     /// Stream chunks as tokens come (default true); false: one final chunk with everything.
     #[serde(default)]
     pub stream: Option<bool>,
+    /// Leave special tokens (BOS, EOS, …) out of the text (default true).
+    #[serde(default)]
+    pub skip_special_tokens: Option<bool>,
+    /// End the text with the stop string that ended it (default false: cut before it).
+    #[serde(default)]
+    pub include_stop_str_in_output: Option<bool>,
     /// Sampling parameters, named as in the OpenAI API.
     #[serde(flatten)]
     pub params: SamplingParams,
@@ -215,6 +221,22 @@ pub enum ReplyMessage {
     Chunk(Chunk),
 }
 
+/// How a request's text is made from its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TextOptions {
+    /// Leave special tokens out of the text.
+    pub skip_special_tokens: bool,
+    /// End the text with the stop string that ended it instead of cutting before it.
+    pub include_stop_str_in_output: bool,
+}
+
+impl Default for TextOptions {
+    fn default() -> Self {
+        Self { skip_special_tokens: true, include_stop_str_in_output: false }
+    }
+}
+
 /// Internal (v1): a validated, tokenized request, tokenizer → scheduler.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SubmitRequest {
@@ -232,6 +254,9 @@ pub struct SubmitRequest {
     pub stop: Vec<String>,
     /// Stream chunks (else one final chunk).
     pub stream: bool,
+    /// How the text is made.
+    #[serde(default)]
+    pub text: TextOptions,
 }
 
 /// Internal (v1): an abort, detokenizer or gateway → scheduler.
@@ -319,6 +344,9 @@ pub struct OpenRequest {
     pub stream: bool,
     /// Whether chunks carry logprobs.
     pub logprobs: bool,
+    /// How the text is made.
+    #[serde(default)]
+    pub text: TextOptions,
     /// Set when the stream moves from a lost detokenizer: what that one had already published.
     #[serde(default)]
     pub resume: Option<ResumePoint>,

@@ -224,3 +224,29 @@ def test_logit_bias_steers_greedy_decoding_and_bad_biases_are_refused(mesh, refe
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(**kwargs, logit_bias=bias)
         assert "logit_bias" in refused.value.message, why
+
+
+def test_stop_strings_can_stay_in_the_text_and_special_tokens_can_show(mesh, reference):
+    client = openai.OpenAI(base_url=mesh.base + "/v1", api_key="x")
+    case = reference[0]
+    text, stop = case["generated_text"], "Lily"
+    at = text.index(stop)
+    kwargs = dict(model="stories260K", prompt=case["prompt"], max_tokens=40, temperature=0, stop=[stop])
+    for stream in (False, True):
+        def run(**extra):
+            r = client.completions.create(**kwargs, stream=stream, extra_body=extra)
+            if not stream:
+                return r.choices[0].text, r.choices[0].finish_reason
+            chunks = [c.choices[0] for c in r if c.choices]
+            return "".join(c.text for c in chunks), chunks[-1].finish_reason
+        assert run() == (text[:at], "stop")
+        assert run(include_stop_str_in_output=True) == (text[:at + len(stop)], "stop")
+    # The model emits BOS (a special token) in this case: left out of the text by default,
+    # shown with skip_special_tokens false; the text before it is the same either way.
+    case = next(c for c in reference if c["runc_bos_stop_index"] is not None)
+    kwargs = dict(model="stories260K", prompt=case["prompt_ids"], max_tokens=case["runc_bos_stop_index"] + 3,
+                  temperature=0)
+    plain = client.completions.create(**kwargs).choices[0].text
+    shown = client.completions.create(**kwargs, extra_body={"skip_special_tokens": False}).choices[0].text
+    assert "<s>" not in plain and case["generated_text"].startswith(plain)
+    assert "<s>" in shown and shown[:shown.index("<s>")] == plain[:shown.index("<s>")]

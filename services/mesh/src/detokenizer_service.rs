@@ -62,7 +62,7 @@ impl RequestStream {
     fn new(open: OpenRequest) -> Self {
         let samples = (0..open.n.max(1))
             .map(|_| SampleStream {
-                decode: DecodeState::new(&open.prompt_token_ids),
+                decode: DecodeState::new_with(&open.prompt_token_ids, open.text.skip_special_tokens),
                 pending: String::new(),
                 new_ids: Vec::new(),
                 new_logprobs: Vec::new(),
@@ -164,8 +164,11 @@ impl RequestStream {
                 sample.pending.push_str(&rest);
             }
         }
-        if let Some(at) = stops.iter().filter_map(|s| sample.pending.find(s.as_str())).min() {
-            sample.pending.truncate(at);
+        let include_stop = self.open.text.include_stop_str_in_output;
+        if let Some((at, len)) =
+            stops.iter().filter_map(|s| sample.pending.find(s.as_str()).map(|at| (at, s.len()))).min()
+        {
+            sample.pending.truncate(if include_stop { at + len } else { at });
             sample.finished = Some(FinishReason::Stop);
             return true;
         }

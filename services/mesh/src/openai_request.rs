@@ -27,8 +27,10 @@ const SAMPLING_FIELDS: &[&str] = &[
     "ignore_eos",
     "logit_bias",
 ];
+/// Fields both endpoints pass through to the mesh that shape the text (vLLM's names).
+const TEXT_FIELDS: &[&str] = &["skip_special_tokens", "include_stop_str_in_output"];
 /// Fields accepted and ignored (OpenAI fields without effect here).
-const IGNORED_FIELDS: &[&str] = &["user", "stream_options", "skip_special_tokens", "spaces_between_special_tokens"];
+const IGNORED_FIELDS: &[&str] = &["user", "stream_options", "spaces_between_special_tokens"];
 
 /// A request refused before it reaches the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,13 +106,12 @@ pub fn to_generate(endpoint: Endpoint, body: &Map<String, Value>, request_id: &s
         ],
     };
     for (key, value) in body {
-        let known = own.contains(&key.as_str())
-            || SAMPLING_FIELDS.contains(&key.as_str())
-            || IGNORED_FIELDS.contains(&key.as_str());
+        let passed = SAMPLING_FIELDS.contains(&key.as_str()) || TEXT_FIELDS.contains(&key.as_str());
+        let known = passed || own.contains(&key.as_str()) || IGNORED_FIELDS.contains(&key.as_str());
         if !known {
             return Err(bad_request(format!("unknown field `{key}`"), Some(key)));
         }
-        if SAMPLING_FIELDS.contains(&key.as_str()) && !value.is_null() {
+        if passed && !value.is_null() {
             out.insert(key.clone(), value.clone());
         }
     }
@@ -288,6 +289,13 @@ mod tests {
         assert_eq!(prompts, [json!("a"), json!([5, 6]), json!("c")]);
         assert!(g.requests.iter().all(|r| r["max_tokens"] == 7 && r["temperature"] == 0.5 && r["n"] == 2));
         assert_eq!(g.num_choices(), 6);
+        // Text options pass through; ignored fields do not.
+        let text = completion(json!({"prompt": "a", "skip_special_tokens": false, "include_stop_str_in_output": true,
+                                  "user": "ignored"}))
+        .expect("valid");
+        assert_eq!(text.requests[0]["skip_special_tokens"], false);
+        assert_eq!(text.requests[0]["include_stop_str_in_output"], true);
+        assert!(text.requests[0].get("user").is_none());
     }
 
     #[test]

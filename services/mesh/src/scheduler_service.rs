@@ -79,6 +79,7 @@ impl RequestState {
             stop: self.submit.stop.clone(),
             stream: self.submit.stream,
             logprobs: self.submit.params.logprobs.is_some(),
+            text: self.submit.text,
             resume,
         }
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use futures::StreamExt;
 use pagemesh_shared::metrics::{self as names, labels};
-use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest};
+use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest, TextOptions};
 use pagemesh_shared::subjects::TOKENIZER_QUEUE;
 use pagemesh_tokenizer::TextTokenizer;
 use serde::{Deserialize, Serialize};
@@ -177,6 +177,10 @@ impl TokenizerService {
             seed,
             stop,
             stream: request.stream.unwrap_or(true),
+            text: TextOptions {
+                skip_special_tokens: request.skip_special_tokens.unwrap_or(true),
+                include_stop_str_in_output: request.include_stop_str_in_output.unwrap_or(false),
+            },
         })
     }
 

@@ -83,7 +83,12 @@ impl TextTokenizer {
 
     /// Text of `ids`, without special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
-        self.inner.decode(ids, true).map_err(|e| TokenizerError::Codec(e.to_string()))
+        self.decode_with(ids, true)
+    }
+
+    /// Text of `ids`, with special tokens (BOS, EOS, …) unless `skip_special_tokens`.
+    pub fn decode_with(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Codec(e.to_string()))
     }
 
     /// Vocabulary size including added tokens.
@@ -146,22 +151,33 @@ pub struct DecodeState {
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
+    skip_special_tokens: bool,
 }
 
 impl DecodeState {
-    /// A state whose context ends with the prompt's ids.
+    /// A state whose context ends with the prompt's ids; special tokens are left out.
     pub fn new(prompt: &[u32]) -> Self {
+        Self::new_with(prompt, true)
+    }
+
+    /// A state whose context ends with the prompt's ids; special tokens are in the text
+    /// unless `skip_special_tokens`.
+    pub fn new_with(prompt: &[u32], skip_special_tokens: bool) -> Self {
         let start = prompt.len().saturating_sub(PROMPT_CONTEXT);
         let ids = prompt[start..].to_vec();
         let read_offset = ids.len();
-        Self { ids, prefix_offset: 0, read_offset }
+        Self { ids, prefix_offset: 0, read_offset, skip_special_tokens }
+    }
+
+    fn decode(&self, tokenizer: &TextTokenizer, ids: &[u32]) -> Result<String, TokenizerError> {
+        tokenizer.decode_with(ids, self.skip_special_tokens)
     }
 
     /// Adds one id and returns the text it completes (possibly empty).
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let prefix = self.decode(tokenizer, &self.ids[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(tokenizer, &self.ids[self.prefix_offset..])?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
             let delta = full.get(prefix.len()..).unwrap_or("").to_string();
             self.prefix_offset = self.read_offset;
@@ -177,14 +193,14 @@ impl DecodeState {
     /// includes held-back bytes that `id` completes into characters; a token that leaves a
     /// character incomplete reads as its text alone (U+FFFD for a lone byte).
     pub fn token_text(&self, tokenizer: &TextTokenizer, id: u32) -> Result<String, TokenizerError> {
-        let released = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let released = self.decode(tokenizer, &self.ids[self.prefix_offset..self.read_offset])?;
         let mut with = self.ids[self.prefix_offset..].to_vec();
         with.push(id);
-        let full = tokenizer.decode(&with)?;
+        let full = self.decode(tokenizer, &with)?;
         if full.len() > released.len() && !full.ends_with('\u{FFFD}') {
             Ok(full.get(released.len()..).unwrap_or("").to_string())
         } else {
-            tokenizer.decode(&[id])
+            self.decode(tokenizer, &[id])
         }
     }
 
@@ -193,8 +209,8 @@ impl DecodeState {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let prefix = self.decode(tokenizer, &self.ids[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(tokenizer, &self.ids[self.prefix_offset..])?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(full.get(prefix.len()..).unwrap_or("").to_string())

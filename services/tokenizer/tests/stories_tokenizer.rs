@@ -97,3 +97,23 @@ fn token_texts_in_context_add_up_to_the_streamed_text() {
     }
     assert!(joined_ascii > 1000, "{joined_ascii}");
 }
+
+#[test]
+fn special_tokens_show_in_the_stream_only_when_asked() {
+    let tok = TextTokenizer::load(&model_dir()).expect("tokenizer");
+    let prompt = tok.encode("Once upon a time").expect("encode");
+    let story_end = tok.encode("The end.").expect("encode");
+    // BOS (1) in the middle of the output, as the model emits between stories.
+    let ids: Vec<u32> = story_end.iter().skip(1).copied().chain([1]).chain(story_end.iter().skip(1).copied()).collect();
+    let stream = |skip: bool| {
+        let mut state = DecodeState::new_with(&prompt, skip);
+        let mut text: String = ids.iter().map(|&id| state.push(&tok, id).expect("push")).collect();
+        text.push_str(&state.flush(&tok).expect("flush"));
+        text
+    };
+    let skipped = stream(true);
+    let shown = stream(false);
+    assert_eq!(skipped, tok.generated_text(&prompt, &ids).expect("generated text"));
+    assert!(!skipped.contains("<s>") && shown.contains("<s>"), "{skipped:?} / {shown:?}");
+    assert_eq!(shown.replacen("<s>", "", 1).replace(' ', ""), skipped.replace(' ', ""));
+}
