@@ -250,3 +250,23 @@ def test_stop_strings_can_stay_in_the_text_and_special_tokens_can_show(mesh, ref
     shown = client.completions.create(**kwargs, extra_body={"skip_special_tokens": False}).choices[0].text
     assert "<s>" not in plain and case["generated_text"].startswith(plain)
     assert "<s>" in shown and shown[:shown.index("<s>")] == plain[:shown.index("<s>")]
+
+
+def test_continuous_usage_stats_count_tokens_as_they_stream(mesh, reference):
+    client = openai.OpenAI(base_url=mesh.base + "/v1", api_key="x")
+    kwargs = dict(model="stories260K", prompt=[c["prompt"] for c in reference[:2]], max_tokens=10, n=2,
+                  temperature=0, stream=True)
+    chunks = list(client.completions.create(**kwargs, stream_options={"include_usage": True,
+                                                                      "continuous_usage_stats": True}))
+    final = chunks[-1].usage
+    assert not chunks[-1].choices and final.completion_tokens == 2 * 2 * 10
+    running = [c.usage for c in chunks[:-1]]
+    assert all(u is not None for u in running)
+    completions = [u.completion_tokens for u in running]
+    assert completions == sorted(completions) and completions[0] > 0
+    assert running[-1] == final
+    assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in running)
+    # Without it, only the last chunk carries usage.
+    plain = list(client.completions.create(**kwargs, stream_options={"include_usage": True}))
+    assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]
+    assert plain[-1].usage == final

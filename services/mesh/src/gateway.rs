@@ -103,7 +103,10 @@ struct Answer {
     endpoint: Endpoint,
     num_choices: usize,
     with_logprobs: bool,
+    /// `stream_options.include_usage`: a last chunk with the usage.
     include_usage: bool,
+    /// `stream_options.continuous_usage_stats` (vLLM): the usage so far on every chunk.
+    continuous_usage: bool,
 }
 
 /// Largest body accepted when the NATS server does not say how large a message may be.
@@ -180,17 +183,19 @@ async fn generate(
         endpoint,
         num_choices: generation.num_choices(),
         with_logprobs: generation.with_logprobs,
-        include_usage: body
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        include_usage: stream_option(&body, "include_usage"),
+        continuous_usage: stream_option(&body, "continuous_usage_stats"),
     };
     if generation.stream {
         stream_answer(answer, first, chunks)
     } else {
         gather_answer(answer, first, chunks).await
     }
+}
+
+/// A boolean of `stream_options` (false when absent).
+fn stream_option(body: &Map<String, Value>, name: &str) -> bool {
+    body.get("stream_options").and_then(|o| o.get(name)).and_then(Value::as_bool).unwrap_or(false)
 }
 
 /// Relays the chunks as server-sent events, ending with `data: [DONE]`. Dropping the body (a
@@ -201,10 +206,14 @@ fn stream_answer(answer: Answer, first: Chunk, chunks: ChunkStream) -> HttpRespo
     let head = futures::stream::iter(std::iter::once(Ok::<_, ErrorReply>(first)));
     let mut role_sent = vec![false; answer.num_choices];
     let mut text_offsets = vec![0usize; answer.num_choices];
+    let mut so_far = Usage::default();
     let events = head.chain(chunks).map(move |item| -> Result<Bytes, actix_web::Error> {
         let mut out = String::new();
         match item {
             Ok(chunk) => {
+                so_far.prompt_tokens += chunk.prompt_token_ids.as_ref().map_or(0, Vec::len);
+                so_far.completion_tokens += chunk.token_ids.len();
+                so_far.total_tokens = so_far.prompt_tokens + so_far.completion_tokens;
                 let i = chunk.sample_index as usize;
                 let mut choice = if is_chat {
                     let mut delta = Map::new();
@@ -228,8 +237,11 @@ fn stream_answer(answer: Answer, first: Chunk, chunks: ChunkStream) -> HttpRespo
                         completion_logprobs(logprobs, texts, text_offsets.get_mut(i).unwrap_or(&mut unused))
                     };
                 }
-                let payload = json!({"id": answer.request_id, "object": object, "created": answer.created,
-                                     "model": answer.model, "choices": [choice]});
+                let mut payload = json!({"id": answer.request_id, "object": object, "created": answer.created,
+                                         "model": answer.model, "choices": [choice]});
+                if answer.continuous_usage {
+                    payload["usage"] = usage_json(&so_far);
+                }
                 out.push_str(&format!("data: {payload}\n\n"));
                 if chunk.done {
                     if let (true, Some(u)) = (answer.include_usage, chunk.usage) {
