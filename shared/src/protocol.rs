@@ -96,6 +96,19 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+impl Usage {
+    /// The usage of `prompt_tokens` in and `completion_tokens` out.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}
+
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, other: Self) {
+        *self = Self::new(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens);
+    }
+}
+
 /// One output chunk on a request's reply inbox (public, JSON).
 ///
 /// Chunks of a request carry `index` 0, 1, 2, … with no gap; the last one has `done: true`,

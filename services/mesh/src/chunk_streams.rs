@@ -112,9 +112,7 @@ impl Merger {
                 *done = true;
             }
             if let Some(u) = chunk.usage.take() {
-                self.usage.prompt_tokens += u.prompt_tokens;
-                self.usage.completion_tokens += u.completion_tokens;
-                self.usage.total_tokens += u.total_tokens;
+                self.usage += u;
             }
             self.ended = self.finished.iter().all(|done| *done);
             chunk.done = self.ended;
@@ -197,7 +195,7 @@ mod tests {
             logprob_texts: None,
             finish_reason: None,
             done,
-            usage: done.then_some(Usage { prompt_tokens: 3, completion_tokens, total_tokens: 3 + completion_tokens }),
+            usage: done.then_some(Usage::new(3, completion_tokens)),
             prompt_token_ids: None,
         }
     }

@@ -257,11 +257,7 @@ impl RequestStream {
             self.next_index += 1;
             if (all_done || force_final) && k + 1 == count {
                 chunk.done = true;
-                chunk.usage = Some(Usage {
-                    prompt_tokens: prompt_len,
-                    completion_tokens: completion,
-                    total_tokens: prompt_len + completion,
-                });
+                chunk.usage = Some(Usage::new(prompt_len, completion));
             }
         }
         chunks

@@ -211,9 +211,7 @@ fn stream_answer(answer: Answer, first: Chunk, chunks: ChunkStream) -> HttpRespo
         let mut out = String::new();
         match item {
             Ok(chunk) => {
-                so_far.prompt_tokens += chunk.prompt_token_ids.as_ref().map_or(0, Vec::len);
-                so_far.completion_tokens += chunk.token_ids.len();
-                so_far.total_tokens = so_far.prompt_tokens + so_far.completion_tokens;
+                so_far += Usage::new(chunk.prompt_token_ids.as_ref().map_or(0, Vec::len), chunk.token_ids.len());
                 let i = chunk.sample_index as usize;
                 let mut choice = if is_chat {
                     let mut delta = Map::new();

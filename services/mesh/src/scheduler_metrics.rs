@@ -165,6 +165,7 @@ fn ratio(used: usize, total: usize) -> f64 {
 pub struct ModelMetrics {
     model: String,
     received: Counter,
+    aborted: Counter,
     rejected: Counter,
     executors_lost: Counter,
     executors: Gauge,
@@ -193,6 +194,7 @@ impl ModelMetrics {
         Self {
             model: model.to_string(),
             received: metrics::counter!(names::REQUESTS_RECEIVED, &l()),
+            aborted: metrics::counter!(names::REQUESTS_ABORTED, &l()),
             rejected: metrics::counter!(names::REQUESTS_REJECTED, &l()),
             executors_lost: metrics::counter!(names::EXECUTORS_LOST, &l()),
             executors: metrics::gauge!(names::EXECUTORS, &l()),
@@ -226,7 +228,7 @@ impl ModelMetrics {
 
     /// A request ended aborted before it was scheduled (its abort came first).
     pub fn aborted(&self) {
-        metrics::counter!(names::REQUESTS_ABORTED, labels::MODEL => self.model.clone()).increment(1);
+        self.aborted.increment(1);
     }
 
     /// An executor was dropped.
