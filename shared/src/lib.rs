@@ -5,11 +5,13 @@
 //!   read, write, swap and copy) and the executor → scheduler step result.
 //! * [`config`]: engine configuration (cache geometry, batching limits, preemption mode).
 //! * [`output`]: what a request produces (tokens, logprobs, finish reasons).
+//! * [`limits`]: bounds every receiver checks on what arrives over NATS.
 //! * [`protocol`]: the messages that cross NATS, public (JSON) and internal (versioned).
 //! * [`subjects`]: the NATS subject names.
 //! * [`metrics`]: the Prometheus metric names, labels and histogram buckets.
 
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod output;
 pub mod protocol;

@@ -32,6 +32,8 @@ pub mod labels {
     pub const SERVICE: &str = "service";
     /// The pagemesh version.
     pub const VERSION: &str = "version";
+    /// A kind of NATS message (`submit`, `abort`, `executor_heartbeat`, `step`, …).
+    pub const MESSAGE: &str = "message";
 }
 
 /// What kind of Prometheus metric a name is.
@@ -164,6 +166,8 @@ pub const DETOKENIZER_DURATION: &str = "pagemesh_detokenizer_duration_seconds";
 pub const HTTP_REQUESTS: &str = "pagemesh_http_requests_total";
 /// NATS reconnections after the first connection (counter; service).
 pub const NATS_RECONNECTS: &str = "pagemesh_nats_reconnects_total";
+/// Messages refused by their receiver as malformed or out of bounds (counter; service, message).
+pub const INVALID_MESSAGES: &str = "pagemesh_invalid_messages_total";
 /// Always 1; labels carry the version and the service (gauge; version, service).
 pub const BUILD_INFO: &str = "pagemesh_build_info";
 
@@ -222,6 +226,7 @@ pub const ALL: &[MetricDef] = &[
     histogram(DETOKENIZER_DURATION, "Seconds the detokenizer spends on a batch of tokens.", CODEC_BUCKETS),
     counter(HTTP_REQUESTS, "HTTP requests answered by the gateway, by endpoint and status."),
     counter(NATS_RECONNECTS, "NATS reconnections after the first connection."),
+    counter(INVALID_MESSAGES, "Messages refused as malformed or out of bounds, by service and message kind."),
     gauge(BUILD_INFO, "Always 1; the labels carry the version and the service."),
 ];
 

@@ -24,6 +24,10 @@ pub struct NatsOptions {
     pub token: Option<String>,
     /// A `.creds` file.
     pub creds: Option<PathBuf>,
+    /// An NKey user seed (`SU…`).
+    pub nkey_seed: Option<String>,
+    /// Prefix of this client's reply inboxes.
+    pub inbox_prefix: String,
     /// Subject prefix.
     pub prefix: String,
 }
@@ -83,6 +87,9 @@ impl Bus {
             let counter = reconnects.clone();
             let (established_now, metric) = (established.clone(), reconnect_metric.clone());
             let mut connect = match (&options.creds, &options.token, &options.user) {
+                _ if options.nkey_seed.is_some() => {
+                    async_nats::ConnectOptions::with_nkey(options.nkey_seed.clone().unwrap_or_default())
+                }
                 (Some(path), _, _) => async_nats::ConnectOptions::with_credentials_file(path.clone())
                     .await
                     .map_err(|e| BusError::Connect { url: options.url.clone(), message: e.to_string() })?,
@@ -95,6 +102,7 @@ impl Bus {
             };
             connect = connect
                 .name(name)
+                .custom_inbox_prefix(&options.inbox_prefix)
                 .request_timeout(Some(Duration::from_secs(30)))
                 .retry_on_initial_connect()
                 .max_reconnects(None)

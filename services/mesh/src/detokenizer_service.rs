@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::StreamExt;
+use pagemesh_shared::limits;
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
     AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, ResumePoint,
@@ -17,6 +18,10 @@ use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
 
 use crate::bus::{decode, Bus};
+use crate::refusals::refuse;
+
+/// Most request streams one detokenizer serves at once.
+pub const MAX_OPEN_STREAMS: usize = 1 << 16;
 
 /// How often a detokenizer announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
@@ -309,6 +314,18 @@ impl DetokenizerService {
         }
     }
 
+    /// Refuses to open a stream beyond [`MAX_OPEN_STREAMS`].
+    fn check_capacity(&self, event: &DetokenizerEvent) -> Result<(), String> {
+        match event {
+            DetokenizerEvent::Open(open)
+                if self.streams.len() >= MAX_OPEN_STREAMS && !self.streams.contains_key(&open.request_id) =>
+            {
+                Err(format!("this detokenizer already serves {MAX_OPEN_STREAMS} streams"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn handle_event(&mut self, event: DetokenizerEvent) -> Option<Output> {
         match event {
             DetokenizerEvent::Open(open) => {
@@ -398,10 +415,14 @@ impl DetokenizerService {
 
 impl StreamHandler<Incoming> for DetokenizerService {
     fn handle(&mut self, Incoming(msg): Incoming, ctx: &mut Self::Context) {
-        let event = match decode::<DetokenizerEvent>(msg.subject.as_str(), &msg.payload) {
+        let event = decode::<DetokenizerEvent>(msg.subject.as_str(), &msg.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|event| limits::check_detokenizer_event(&event).map(|()| event))
+            .and_then(|event| self.check_capacity(&event).map(|()| event));
+        let event = match event {
             Ok(e) => e,
             Err(e) => {
-                eprintln!("detokenizer: dropped a malformed event: {e}");
+                refuse("detokenizer", "event", &e);
                 return;
             }
         };

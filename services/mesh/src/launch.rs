@@ -11,6 +11,7 @@ use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 use clap::Args;
 use pagemesh_executor::ModelConfig;
+use pagemesh_shared::limits::ModelLimits;
 use pagemesh_shared::protocol::ExecutorRegistration;
 use pagemesh_shared::EngineConfig;
 use pagemesh_tokenizer::TextTokenizer;
@@ -23,6 +24,7 @@ use crate::engine_args::{eos_token_ids, EngineArgs};
 use crate::executor_service::ExecutorService;
 use crate::gateway::{configure, count_requests, GatewayState};
 use crate::metrics_endpoint::MetricsArgs;
+use crate::nats_auth::{self, Role};
 use crate::scheduler_service::{SchedulerConfig, SchedulerService};
 use crate::tokenizer_service::{ModelInfo, TokenizerService};
 
@@ -44,22 +46,40 @@ pub struct NatsArgs {
     /// NATS credentials file.
     #[arg(long, env = "PAGEMESH_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
+    /// File holding this service's (or client's) NKey user seed.
+    #[arg(long, env = "PAGEMESH_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// Folder written by `pagemesh nats-config`: each service connects with its role's seed
+    /// (`<role>.nk`), a client with `client.nk`.
+    #[arg(long, env = "PAGEMESH_NATS_AUTH_DIR")]
+    pub nats_auth_dir: Option<PathBuf>,
     /// Prefix of every subject.
     #[arg(long, env = "PAGEMESH_SUBJECT_PREFIX", default_value = "pagemesh")]
     pub subject_prefix: String,
 }
 
 impl NatsArgs {
-    /// The connection options these flags describe.
-    pub fn options(&self) -> NatsOptions {
-        NatsOptions {
+    /// The connection options these flags describe, for a service of `role` (none: a client).
+    pub fn options(&self, role: Option<Role>) -> Result<NatsOptions, String> {
+        let seed_file = match (&self.nats_nkey, &self.nats_auth_dir) {
+            (Some(file), _) => Some(file.clone()),
+            (None, Some(dir)) => Some(nats_auth::seed_path(dir, role.map_or("client", Role::name))),
+            (None, None) => None,
+        };
+        let nkey_seed = match seed_file {
+            Some(path) => Some(nats_auth::read_seed(&path)?.0),
+            None => None,
+        };
+        Ok(NatsOptions {
             url: self.nats_url.clone(),
             user: self.nats_user.clone(),
             password: self.nats_password.clone(),
             token: self.nats_token.clone(),
             creds: self.nats_creds.clone(),
+            nkey_seed,
+            inbox_prefix: role.map_or("_INBOX", Role::inbox_prefix).to_string(),
             prefix: self.subject_prefix.clone(),
-        }
+        })
     }
 }
 
@@ -113,6 +133,9 @@ pub struct SchedulerLimits {
     /// Seconds a request waits for an executor when there is none.
     #[arg(long, default_value_t = 30)]
     unplaced_timeout_s: u64,
+    /// Most KV blocks an executor may declare in one pool; registrations above it are refused.
+    #[arg(long, default_value_t = 1 << 22, value_parser = clap::value_parser!(u32).range(1..i64::from(u32::MAX)))]
+    max_executor_blocks: u32,
 }
 
 /// Flags of `pagemesh tokenizer`.
@@ -199,6 +222,10 @@ pub struct ServeArgs {
     /// Never start a nats-server, even when none is reachable.
     #[arg(long)]
     no_start_nats: bool,
+    /// Start the nats-server (when none is reachable) without accounts or permissions: anyone
+    /// who reaches it can read and forge every message. For development only.
+    #[arg(long)]
+    insecure_open_bus: bool,
     /// Backend of the executors in this process.
     #[command(flatten)]
     device: DeviceArgs,
@@ -210,8 +237,9 @@ fn served_name(name: &Option<String>, model_dir: &Path) -> String {
     name.clone().unwrap_or_else(|| crate::model_hub::default_name(model_dir))
 }
 
-async fn connect(nats: &NatsArgs, name: &str) -> Result<Bus, String> {
-    Bus::connect(&nats.options(), name, Duration::from_secs(10)).await.map_err(|e| e.to_string())
+async fn connect(nats: &NatsArgs, role: Role) -> Result<Bus, String> {
+    let name = format!("pagemesh-{}", role.name());
+    Bus::connect(&nats.options(Some(role))?, &name, Duration::from_secs(10)).await.map_err(|e| e.to_string())
 }
 
 fn start_executor(
@@ -243,10 +271,12 @@ fn scheduler_config(engine: &EngineArgs, limits: &SchedulerLimits, model: &str) 
     Ok(SchedulerConfig {
         model: model.to_string(),
         eos_token_ids: eos_token_ids(&engine.model, &config.eos_token_ids)?,
-        engine: EngineConfig { max_waiting_tokens: limits.max_waiting_tokens, ..engine_config },
+        engine: EngineConfig { max_waiting_tokens: limits.max_waiting_tokens, ..engine_config.clone() },
         heartbeat_timeout: Duration::from_millis(limits.heartbeat_timeout_ms),
         step_timeout: Duration::from_secs(limits.step_timeout_s),
         unplaced_timeout: Duration::from_secs(limits.unplaced_timeout_s),
+        limits: ModelLimits { vocab_size: config.vocab_size, max_model_len: engine_config.max_model_len },
+        max_executor_blocks: limits.max_executor_blocks as usize,
     })
 }
 
@@ -334,7 +364,7 @@ pub fn executor(mut args: ExecutorArgs) -> Result<(), String> {
     args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     in_system(async move {
         crate::metrics_endpoint::start(&args.metrics, "executor")?;
-        let bus = connect(&args.nats, "pagemesh-executor").await?;
+        let bus = connect(&args.nats, Role::Executor).await?;
         start_executor(bus, &args.engine, &args.device, &name, args.executor_id.clone())?;
         wait_forever().await
     })
@@ -347,7 +377,7 @@ pub fn scheduler(mut args: SchedulerArgs) -> Result<(), String> {
     let config = scheduler_config(&args.engine, &args.limits, &name)?;
     in_system(async move {
         crate::metrics_endpoint::start(&args.metrics, "scheduler")?;
-        let bus = connect(&args.nats, "pagemesh-scheduler").await?;
+        let bus = connect(&args.nats, Role::Scheduler).await?;
         SchedulerService::new(bus, config).start();
         wait_forever().await
     })
@@ -359,7 +389,7 @@ pub fn tokenizer(mut args: TokenizerArgs) -> Result<(), String> {
     args.model = crate::model_hub::resolve(&args.model)?;
     in_system(async move {
         crate::metrics_endpoint::start(&args.metrics, "tokenizer")?;
-        let bus = connect(&args.nats, "pagemesh-tokenizer").await?;
+        let bus = connect(&args.nats, Role::Tokenizer).await?;
         tokenizer_service(bus, &args.model, &name, args.max_model_len)?.start();
         wait_forever().await
     })
@@ -372,7 +402,7 @@ pub fn detokenizer(mut args: DetokenizerArgs) -> Result<(), String> {
     let tokenizer = Arc::new(TextTokenizer::load(&args.model).map_err(|e| e.to_string())?);
     in_system(async move {
         crate::metrics_endpoint::start(&args.metrics, "detokenizer")?;
-        let bus = connect(&args.nats, "pagemesh-detokenizer").await?;
+        let bus = connect(&args.nats, Role::Detokenizer).await?;
         let id = args.detokenizer_id.clone().unwrap_or_else(new_id);
         eprintln!("detokenizer {id}");
         DetokenizerService::new(bus, id, tokenizer, name).start();
@@ -384,9 +414,46 @@ pub fn detokenizer(mut args: DetokenizerArgs) -> Result<(), String> {
 pub fn gateway(args: GatewayArgs) -> Result<(), String> {
     in_system(async move {
         crate::metrics_endpoint::start(&args.metrics, "gateway")?;
-        let bus = connect(&args.nats, "pagemesh-gateway").await?;
+        let bus = connect(&args.nats, Role::Gateway).await?;
         run_gateway(bus, &args.http).await
     })
+}
+
+/// Flags of `pagemesh nats-config`.
+#[derive(Args, Debug, Clone)]
+pub struct NatsConfigArgs {
+    /// Folder for the seeds and `nats.conf` (existing seeds are kept).
+    #[arg(long)]
+    out: PathBuf,
+    /// Where nats-server listens.
+    #[arg(long, default_value = "0.0.0.0:4222")]
+    listen: String,
+    /// Prefix of every subject.
+    #[arg(long, default_value = "pagemesh")]
+    subject_prefix: String,
+    /// A client (its own account and seed, `<name>.nk`); repeatable.
+    #[arg(long = "client", default_value = "client", value_delimiter = ',')]
+    clients: Vec<String>,
+}
+
+/// `pagemesh nats-config`.
+pub fn nats_config(args: NatsConfigArgs) -> Result<(), String> {
+    let layout = nats_auth::write_auth_dir(&args.out, &args.listen, &args.subject_prefix, &args.clients)?;
+    println!("wrote {}", nats_auth::config_path(&args.out).display());
+    for (role, _) in &layout.roles {
+        println!("  {:<12} {}", role.name(), nats_auth::seed_path(&args.out, role.name()).display());
+    }
+    for (client, _) in &layout.clients {
+        println!("  client {:<5} {}", client, nats_auth::seed_path(&args.out, client).display());
+    }
+    println!("start the server with: nats-server -c {}", nats_auth::config_path(&args.out).display());
+    Ok(())
+}
+
+/// Where `pagemesh serve` keeps the bus's keys when it starts its own nats-server.
+fn default_auth_dir(address: &SocketAddr) -> PathBuf {
+    let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    base.join(".pagemesh").join(format!("nats-{}", address.port()))
 }
 
 /// The address of a `nats://host:port` URL.
@@ -407,8 +474,12 @@ impl Drop for OwnNatsServer {
     }
 }
 
-fn ensure_nats(url: &str, allowed: bool) -> Result<Option<OwnNatsServer>, String> {
-    let Some(address) = nats_address(url) else {
+/// Makes sure a nats-server answers at the URL of `nats`: starts one on a loopback address
+/// when none does (and `allowed`), with the bus's accounts and permissions unless `insecure`;
+/// the services then connect with their roles' seeds, and the client seed is printed.
+fn ensure_nats(nats: &mut NatsArgs, allowed: bool, insecure: bool) -> Result<Option<OwnNatsServer>, String> {
+    let url = nats.nats_url.clone();
+    let Some(address) = nats_address(&url) else {
         return Err(format!("cannot resolve the NATS URL {url}"));
     };
     if TcpStream::connect_timeout(&address, Duration::from_millis(500)).is_ok() {
@@ -417,8 +488,21 @@ fn ensure_nats(url: &str, allowed: bool) -> Result<Option<OwnNatsServer>, String
     if !allowed || !address.ip().is_loopback() {
         return Err(format!("no NATS server answers at {url}"));
     }
+    let mut server_args =
+        vec!["-a".to_string(), address.ip().to_string(), "-p".to_string(), address.port().to_string()];
+    if !insecure {
+        let dir = nats.nats_auth_dir.clone().unwrap_or_else(|| default_auth_dir(&address));
+        nats_auth::write_auth_dir(&dir, &address.to_string(), &nats.subject_prefix, &["client".to_string()])?;
+        server_args = vec!["-c".to_string(), nats_auth::config_path(&dir).display().to_string()];
+        eprintln!(
+            "the bus has accounts and permissions: NATS clients connect to {url} with the NKey seed in {} \
+             (nats-py: nats.connect(url, nkeys_seed=...); the nats CLI: --nkey ...)",
+            nats_auth::seed_path(&dir, "client").display()
+        );
+        nats.nats_auth_dir = Some(dir);
+    }
     let child = std::process::Command::new("nats-server")
-        .args(["-a", &address.ip().to_string(), "-p", &address.port().to_string()])
+        .args(&server_args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -443,7 +527,7 @@ fn ensure_nats(url: &str, allowed: bool) -> Result<Option<OwnNatsServer>, String
 /// `pagemesh serve`: all five services in one process.
 pub fn serve(mut args: ServeArgs) -> Result<(), String> {
     crate::cuda_device::check_device(&args.device.device, &args.engine)?;
-    let nats_server = ensure_nats(&args.nats.nats_url, !args.no_start_nats)?;
+    let nats_server = ensure_nats(&mut args.nats, !args.no_start_nats, args.insecure_open_bus)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);
     args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
@@ -451,16 +535,23 @@ pub fn serve(mut args: ServeArgs) -> Result<(), String> {
     let detok_tokenizer = Arc::new(TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?);
     let services = async move {
         crate::metrics_endpoint::start(&args.metrics, "serve")?;
-        let bus = connect(&args.nats, "pagemesh-serve").await?;
-        SchedulerService::new(bus.clone(), config).start();
-        tokenizer_service(bus.clone(), &args.engine.model, &name, args.engine.max_model_len)?.start();
-        for _ in 0..args.num_detokenizers {
-            DetokenizerService::new(bus.clone(), new_id(), detok_tokenizer.clone(), name.clone()).start();
+        // One connection per role, each with its own permissions when the bus has them.
+        SchedulerService::new(connect(&args.nats, Role::Scheduler).await?, config).start();
+        let bus = connect(&args.nats, Role::Tokenizer).await?;
+        tokenizer_service(bus, &args.engine.model, &name, args.engine.max_model_len)?.start();
+        if args.num_detokenizers > 0 {
+            let bus = connect(&args.nats, Role::Detokenizer).await?;
+            for _ in 0..args.num_detokenizers {
+                DetokenizerService::new(bus.clone(), new_id(), detok_tokenizer.clone(), name.clone()).start();
+            }
         }
-        for _ in 0..args.num_executors {
-            start_executor(bus.clone(), &args.engine, &args.device, &name, None)?;
+        if args.num_executors > 0 {
+            let bus = connect(&args.nats, Role::Executor).await?;
+            for _ in 0..args.num_executors {
+                start_executor(bus.clone(), &args.engine, &args.device, &name, None)?;
+            }
         }
-        run_gateway(bus, &args.http).await
+        run_gateway(connect(&args.nats, Role::Gateway).await?, &args.http).await
     };
     in_system_then(services, move || drop(nats_server))
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use futures::StreamExt;
 use pagemesh_scheduler::{AdmissionError, NewRequest, RequestEvent, Scheduler};
+use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::protocol::{
     AbortRequest, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, ExecutorRegistration, Heartbeat,
     OpenRequest, ResumePoint, StepReply, StepRequest, SubmitRequest, TokenEvent,
@@ -25,6 +26,7 @@ use serde_json::json;
 
 use crate::bus::{decode, Bus, BusError, OrderedPublisher};
 use crate::early_aborts::EarlyAborts;
+use crate::refusals::refuse;
 use crate::scheduler_metrics::{ExecutorMetrics, ModelMetrics, RequestTiming};
 
 /// Limits and timeouts of the scheduler service.
@@ -43,12 +45,20 @@ pub struct SchedulerConfig {
     pub step_timeout: Duration,
     /// Longest a request waits for an executor when there is none.
     pub unplaced_timeout: Duration,
+    /// What the model accepts: every submit is checked against it.
+    pub limits: ModelLimits,
+    /// Most blocks an executor may declare in one pool (larger registrations are refused).
+    pub max_executor_blocks: usize,
 }
 
 struct ExecutorSlot {
     core: Scheduler,
+    /// What the executor declared (to start its core afresh after a failed step).
+    registration: ExecutorRegistration,
     last_seen: Instant,
     in_flight: bool,
+    /// The requests of the step in flight: a step that fails is blamed on them.
+    in_flight_requests: Vec<String>,
     metrics: ExecutorMetrics,
 }
 
@@ -176,6 +186,14 @@ impl SchedulerService {
 
     fn on_submit(&mut self, submit: SubmitRequest, ctx: &mut Context<Self>) {
         self.metrics.received();
+        if let Err(message) = self.config.limits.check_submit(&submit) {
+            refuse("scheduler", "submit", &message);
+            if limits::check_reply_subject(&submit.reply_to).is_ok() {
+                let id = submit.request_id.chars().take(limits::MAX_REQUEST_ID_LEN).collect::<String>();
+                self.reply_error(ctx, &submit.reply_to, &id, ErrorKind::InvalidRequest, message);
+            }
+            return;
+        }
         if self.requests.contains_key(&submit.request_id) {
             let message = format!("a request with id `{}` is already running", submit.request_id);
             self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::InvalidRequest, message);
@@ -340,11 +358,15 @@ impl SchedulerService {
         let Some(plan) = slot.core.schedule() else { return };
         slot.in_flight = true;
         slot.metrics.step_sent(&plan);
+        slot.in_flight_requests.clear();
         let now = Instant::now();
         for seq in &plan.seqs {
             let request = slot.core.request_of(seq.seq_id).and_then(|core_id| self.by_core.get(&core_id));
-            if let Some(state) = request.and_then(|id| self.requests.get_mut(id)) {
+            if let Some((id, state)) = request.and_then(|id| self.requests.get_mut(id).map(|s| (id, s))) {
                 state.timing.scheduled(&self.metrics, now);
+                if !slot.in_flight_requests.contains(id) {
+                    slot.in_flight_requests.push(id.clone());
+                }
             }
         }
         let bus = self.bus.clone();
@@ -416,7 +438,7 @@ impl SchedulerService {
             }
             Ok(StepReply::Failed(message)) => {
                 eprintln!("scheduler: executor {} failed a step: {message}", done.executor);
-                self.lose_executor(&done.executor, ctx);
+                self.fail_step(&done.executor, &message, ctx);
             }
             Err(e) => {
                 eprintln!("scheduler: executor {} did not answer a step: {e}", done.executor);
@@ -425,12 +447,26 @@ impl SchedulerService {
         }
     }
 
-    /// Drops an executor and moves its requests to the others (or waits for one).
-    fn lose_executor(&mut self, executor: &str, ctx: &mut Context<Self>) {
+    /// An executor answered that a step failed: the requests of that step end with an error
+    /// (they caused it, or cannot be told apart from the one that did), and the executor goes
+    /// on with a fresh core, its other requests re-placed as after a loss. It is not dropped:
+    /// it is alive, and the step that failed is not sent again.
+    fn fail_step(&mut self, executor: &str, message: &str, ctx: &mut Context<Self>) {
+        let Some(slot) = self.executors.get_mut(executor) else { return };
+        let blamed = std::mem::take(&mut slot.in_flight_requests);
+        let registration = slot.registration.clone();
+        for id in &blamed {
+            self.fail(ctx, id, &format!("the executor could not run this request: {message}"));
+        }
         let Some(slot) = self.executors.remove(executor) else { return };
-        self.metrics.executor_lost();
-        self.lost.insert(executor.to_string(), Instant::now());
-        eprintln!("scheduler: executor {executor} is gone; moving its requests");
+        let moved = self.requests_on(executor);
+        slot.metrics.lost(moved.len());
+        self.add_executor(registration, Instant::now());
+        self.rehome(moved, ctx);
+    }
+
+    /// The requests placed on `executor`, oldest first.
+    fn requests_on(&self, executor: &str) -> Vec<String> {
         let mut moved: Vec<String> = self
             .requests
             .iter()
@@ -438,8 +474,23 @@ impl SchedulerService {
             .map(|(id, _)| id.clone())
             .collect();
         moved.sort_by_key(|id| self.requests.get(id).map(|s| s.core_id));
-        self.migrated += moved.len() as u64;
+        moved
+    }
+
+    /// Drops an executor and moves its requests to the others (or waits for one).
+    fn lose_executor(&mut self, executor: &str, ctx: &mut Context<Self>) {
+        let Some(slot) = self.executors.remove(executor) else { return };
+        self.metrics.executor_lost();
+        self.lost.insert(executor.to_string(), Instant::now());
+        eprintln!("scheduler: executor {executor} is gone; moving its requests");
+        let moved = self.requests_on(executor);
         slot.metrics.lost(moved.len());
+        self.rehome(moved, ctx);
+    }
+
+    /// Places requests taken off an executor again (from prompt + tokens so far).
+    fn rehome(&mut self, moved: Vec<String>, ctx: &mut Context<Self>) {
+        self.migrated += moved.len() as u64;
         for id in moved {
             if let Some(state) = self.requests.get_mut(&id) {
                 self.by_core.remove(&state.core_id);
@@ -479,6 +530,11 @@ impl SchedulerService {
     fn on_ack(&mut self, ack: DetokenizerAck) {
         let id = ack.request_id.clone();
         let Some(state) = self.requests.get_mut(&id) else { return };
+        let n = state.submit.params.n;
+        if ack.consumed.len() != n || ack.closed.len() != n {
+            refuse("scheduler", "detokenizer_ack", &format!("an ack for {id} names the wrong number of samples"));
+            return;
+        }
         if ack.next_index >= state.acked.next_index {
             state.acked = ack;
         }
@@ -546,6 +602,10 @@ impl SchedulerService {
         if registration.model != self.config.model {
             return;
         }
+        if let Err(e) = limits::check_registration(&registration, self.config.max_executor_blocks) {
+            refuse("scheduler", "executor_heartbeat", &e);
+            return;
+        }
         let now = Instant::now();
         if let Some(slot) = self.executors.get_mut(&registration.executor_id) {
             slot.last_seen = now;
@@ -557,7 +617,7 @@ impl SchedulerService {
         }
         let config = self.engine_config(&registration);
         if let Err(e) = pagemesh_scheduler::validate_config(&config) {
-            eprintln!("scheduler: executor {} refused: {e}", registration.executor_id);
+            refuse("scheduler", "executor_heartbeat", &format!("executor {}: {e}", registration.executor_id));
             return;
         }
         eprintln!(
@@ -567,14 +627,29 @@ impl SchedulerService {
             registration.num_host_blocks,
             registration.block_size
         );
+        self.add_executor(registration, now);
+        self.place_unplaced(ctx);
+    }
+
+    /// Adds an executor with a fresh core (its configuration was validated).
+    fn add_executor(&mut self, registration: ExecutorRegistration, now: Instant) {
         let slot = ExecutorSlot {
-            core: Scheduler::new(config, self.config.eos_token_ids.clone()),
+            core: Scheduler::new(self.engine_config(&registration), self.config.eos_token_ids.clone()),
             last_seen: now,
             in_flight: false,
+            in_flight_requests: Vec::new(),
             metrics: ExecutorMetrics::new(&self.config.model, &registration.executor_id),
+            registration: registration.clone(),
         };
         self.executors.insert(registration.executor_id, slot);
-        self.place_unplaced(ctx);
+    }
+
+    fn on_detokenizer_beat(&mut self, beat: Heartbeat, ctx: &mut Context<Self>) {
+        let new = self.detokenizers.insert(beat.id.clone(), Instant::now()).is_none();
+        if new {
+            eprintln!("scheduler: detokenizer {} registered", beat.id);
+            self.place_unplaced(ctx);
+        }
     }
 
     fn place_unplaced(&mut self, ctx: &mut Context<Self>) {
@@ -684,36 +759,44 @@ impl StreamHandler<Incoming> for SchedulerService {
         match item {
             Incoming::Submit(msg) => match decode::<SubmitRequest>(msg.subject.as_str(), &msg.payload) {
                 Ok(submit) => self.on_submit(submit, ctx),
-                Err(e) => eprintln!("scheduler: dropped a malformed submit: {e}"),
+                Err(e) => refuse("scheduler", "submit", &e.to_string()),
             },
             Incoming::Abort(msg) | Incoming::PublicAbort(msg) => {
-                match decode::<AbortRequest>(msg.subject.as_str(), &msg.payload) {
+                let abort = decode::<AbortRequest>(msg.subject.as_str(), &msg.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|abort| limits::check_request_id(&abort.request_id).map(|()| abort));
+                match abort {
                     Ok(abort) => self.on_abort(&abort.request_id, ctx),
                     Err(e) => {
-                        if let Some(reply) = msg.reply {
-                            let error = ErrorReply::new(None, ErrorKind::InvalidRequest, e.to_string());
+                        refuse("scheduler", "abort", &e);
+                        let reply = msg.reply.filter(|r| limits::check_reply_subject(r).is_ok());
+                        if let Some(reply) = reply {
+                            let error = ErrorReply::new(None, ErrorKind::InvalidRequest, e);
                             self.publish(ctx, reply.to_string(), error);
                         }
                     }
                 }
             }
-            Incoming::ExecutorBeat(msg) => {
-                if let Ok(registration) = decode::<ExecutorRegistration>(msg.subject.as_str(), &msg.payload) {
-                    self.on_executor_beat(registration, ctx);
-                }
-            }
+            Incoming::ExecutorBeat(msg) => match decode::<ExecutorRegistration>(msg.subject.as_str(), &msg.payload) {
+                Ok(registration) => self.on_executor_beat(registration, ctx),
+                Err(e) => refuse("scheduler", "executor_heartbeat", &e.to_string()),
+            },
             Incoming::DetokenizerBeat(msg) => {
-                if let Ok(beat) = decode::<Heartbeat>(msg.subject.as_str(), &msg.payload) {
-                    let new = self.detokenizers.insert(beat.id.clone(), Instant::now()).is_none();
-                    if new {
-                        eprintln!("scheduler: detokenizer {} registered", beat.id);
-                        self.place_unplaced(ctx);
-                    }
+                let beat = decode::<Heartbeat>(msg.subject.as_str(), &msg.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|beat| limits::check_instance_id(&beat.id).map(|()| beat));
+                match beat {
+                    Ok(beat) => self.on_detokenizer_beat(beat, ctx),
+                    Err(e) => refuse("scheduler", "detokenizer_heartbeat", &e),
                 }
             }
             Incoming::DetokenizerAck(msg) => {
-                if let Ok(ack) = decode::<DetokenizerAck>(msg.subject.as_str(), &msg.payload) {
-                    self.on_ack(ack);
+                let ack = decode::<DetokenizerAck>(msg.subject.as_str(), &msg.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|ack| limits::check_ack(&ack).map(|()| ack));
+                match ack {
+                    Ok(ack) => self.on_ack(ack),
+                    Err(e) => refuse("scheduler", "detokenizer_ack", &e),
                 }
             }
             Incoming::Stats(msg) => {

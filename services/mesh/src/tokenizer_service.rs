@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use futures::StreamExt;
+use pagemesh_shared::limits;
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest, TextOptions};
 use pagemesh_shared::subjects::TOKENIZER_QUEUE;
@@ -17,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::bus::{new_id, Bus};
 use crate::chat::PromptRenderer;
+use crate::refusals::refuse;
 use crate::scheduler_metrics::request_error;
 
 /// What the tokenizer knows of the model.
@@ -122,6 +124,9 @@ impl TokenizerService {
             (request_id.clone(), invalid(message))
         })?;
         let request_id = request.request_id.clone().unwrap_or_else(new_id);
+        if let Err(message) = limits::check_request_id(&request_id) {
+            return Err((None, invalid(message)));
+        }
         let fail = |r: Rejection| (Some(request_id.clone()), r);
         self.check_model(request.model.as_deref()).map_err(fail)?;
         request.params.validate().map_err(|m| fail(invalid(m)))?;
@@ -165,9 +170,7 @@ impl TokenizerService {
             ))));
         }
         let stop = request.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-        if stop.iter().any(String::is_empty) {
-            return Err(fail(invalid("stop strings must not be empty")));
-        }
+        limits::check_stop_strings(&stop).map_err(|m| fail(invalid(m)))?;
         let seed = params.seed.unwrap_or_else(rand::random);
         Ok(SubmitRequest {
             request_id,
@@ -282,6 +285,10 @@ impl StreamHandler<Incoming> for TokenizerService {
                     eprintln!("tokenizer: a generate request without a reply inbox was dropped");
                     return;
                 };
+                if let Err(e) = limits::check_reply_subject(&reply) {
+                    refuse("tokenizer", "generate", &e);
+                    return;
+                }
                 let started = Instant::now();
                 let prepared = self.prepare(&msg.payload, &reply);
                 self.observe("generate", started);

@@ -38,6 +38,9 @@ enum Command {
     Executor(launch::ExecutorArgs),
     /// A detokenizer (incremental text, stop strings, chunks to the client).
     Detokenizer(launch::DetokenizerArgs),
+    /// Write the bus's accounts and permissions: an NKey seed per service role and per client,
+    /// and the nats-server configuration that confines each to its own subjects.
+    NatsConfig(launch::NatsConfigArgs),
     /// Make sure a model is on this machine (fetch a Hugging Face Hub id into the cache) and
     /// print its directory.
     Fetch(pagemesh_mesh::model_hub::FetchArgs),
@@ -55,6 +58,7 @@ fn main() {
         Command::Scheduler(args) => launch::scheduler(args),
         Command::Executor(args) => launch::executor(args),
         Command::Detokenizer(args) => launch::detokenizer(args),
+        Command::NatsConfig(args) => launch::nats_config(args),
         Command::Fetch(args) => pagemesh_mesh::model_hub::fetch(args),
     };
     if let Err(message) = result {

@@ -33,6 +33,11 @@ impl Hasher for IdHasher {
         self.0 = z ^ (z >> 31);
     }
 
+    fn write_u128(&mut self, x: u128) {
+        self.write_u64(x as u64);
+        self.write_u64((x >> 64) as u64);
+    }
+
     fn write_usize(&mut self, x: usize) {
         self.write_u64(x as u64);
     }

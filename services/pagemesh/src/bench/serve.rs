@@ -201,7 +201,7 @@ fn run_nats(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start an async runtime: {e}"))?;
-    let options = args.nats.options();
+    let options = args.nats.options(None)?;
     let timeout = Duration::from_secs(args.timeout_s);
     let limit = args.max_concurrency.unwrap_or(requests.len());
     runtime.block_on(async move {

@@ -25,8 +25,8 @@ use pagemesh_shared::{BlockId, SeqId};
 
 use crate::id_map::{IdMap, IdSet};
 
-pub use hash::block_hash;
 use hash::extend_chain;
+pub use hash::{block_hash, BlockHash};
 use pool::BlockPool;
 
 /// Which pool a sequence's blocks are in.
@@ -81,7 +81,7 @@ struct SeqBlocks {
     blocks: Vec<BlockId>,
     location: Location,
     /// Chain hashes of the sequence's first full blocks (prefix caching only).
-    hashes: Vec<u64>,
+    hashes: Vec<BlockHash>,
     /// Blocks `0 .. registered` have been offered to the prefix cache.
     registered: usize,
 }
@@ -200,11 +200,12 @@ impl BlockManager {
 
     /// Prefix-cache hits for `tokens`: the leading blocks found and how many of them are
     /// evictable (they leave the free space when taken).
-    fn probe(&self, hashes: &[u64]) -> (Vec<BlockId>, usize) {
+    fn probe(&self, hashes: &[BlockHash], tokens: &[u32]) -> (Vec<BlockId>, usize) {
         let mut hits = Vec::new();
         let mut evictable = 0;
-        for &h in hashes {
-            match self.device.lookup(h) {
+        let blocks = tokens.chunks_exact(self.block_size);
+        for (&h, block_tokens) in hashes.iter().zip(blocks) {
+            match self.device.lookup(h, block_tokens) {
                 Some(b) => {
                     if self.device.ref_count(b) == 0 {
                         evictable += 1;
@@ -217,7 +218,7 @@ impl BlockManager {
         (hits, evictable)
     }
 
-    fn prefix_hashes(&self, tokens: &[u32]) -> Vec<u64> {
+    fn prefix_hashes(&self, tokens: &[u32]) -> Vec<BlockHash> {
         let mut hashes = Vec::new();
         extend_chain(&mut hashes, tokens, self.cacheable_blocks(tokens.len()), self.block_size);
         hashes
@@ -229,7 +230,7 @@ impl BlockManager {
         if self.cacheable_blocks(tokens.len()) == 0 {
             return 0;
         }
-        self.probe(&self.prefix_hashes(tokens)).0.len()
+        self.probe(&self.prefix_hashes(tokens), tokens).0.len()
     }
 
     /// Free device blocks [`allocate`](Self::allocate) would consume for `tokens` now
@@ -239,7 +240,7 @@ impl BlockManager {
         if self.cacheable_blocks(tokens.len()) == 0 {
             return total;
         }
-        let (hits, evictable) = self.probe(&self.prefix_hashes(tokens));
+        let (hits, evictable) = self.probe(&self.prefix_hashes(tokens), tokens);
         total - hits.len() + evictable
     }
 
@@ -252,7 +253,7 @@ impl BlockManager {
         }
         let total = self.blocks_for(tokens.len());
         let hashes = self.prefix_hashes(tokens);
-        let (mut blocks, evictable) = self.probe(&hashes);
+        let (mut blocks, evictable) = self.probe(&hashes, tokens);
         let hits = blocks.len();
         let needed = total - hits + evictable;
         let free = self.device.num_free();
@@ -409,7 +410,7 @@ impl BlockManager {
         }
         extend_chain(&mut t.hashes, tokens, full, bs);
         for i in t.registered..full.min(t.hashes.len()) {
-            self.device.register(t.blocks[i], t.hashes[i]);
+            self.device.register(t.blocks[i], t.hashes[i], &tokens[i * bs..(i + 1) * bs]);
         }
         t.registered = full.min(t.hashes.len());
     }

@@ -5,7 +5,16 @@ use crate::id_map::IdMap;
 
 use pagemesh_shared::BlockId;
 
+use super::hash::BlockHash;
 use super::lru::LruList;
+
+/// What a cached block is registered as: its chain hash and its own tokens, compared on
+/// every lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CacheEntry {
+    hash: BlockHash,
+    tokens: Box<[u32]>,
+}
 
 /// A fixed pool of blocks.
 ///
@@ -18,10 +27,10 @@ pub(crate) struct BlockPool {
     ref_counts: Vec<u32>,
     /// Reference count 0 and not cached; a stack, lowest ids on top initially.
     free: Vec<BlockId>,
-    /// The prefix-cache hash a block is registered under.
-    hash_of: Vec<Option<u64>>,
+    /// The prefix-cache entry a block is registered under.
+    hash_of: Vec<Option<CacheEntry>>,
     /// Prefix-cache index: block hash → block.
-    cache: IdMap<u64, BlockId>,
+    cache: IdMap<BlockHash, BlockId>,
     /// Reference count 0 and cached, least recently released first.
     evictable: LruList,
 }
@@ -65,8 +74,8 @@ impl BlockPool {
             Some(b) => b,
             None => {
                 let b = self.evictable.pop_front()?;
-                if let Some(h) = self.hash_of[b as usize].take() {
-                    self.cache.remove(&h);
+                if let Some(entry) = self.hash_of[b as usize].take() {
+                    self.cache.remove(&entry.hash);
                 }
                 b
             }
@@ -99,20 +108,22 @@ impl BlockPool {
         }
     }
 
-    /// The cached block registered under `hash`.
-    pub(crate) fn lookup(&self, hash: u64) -> Option<BlockId> {
-        self.cache.get(&hash).copied()
+    /// The cached block registered under `hash`, if it holds exactly `tokens`.
+    pub(crate) fn lookup(&self, hash: BlockHash, tokens: &[u32]) -> Option<BlockId> {
+        let block = *self.cache.get(&hash)?;
+        let entry = self.hash_of[block as usize].as_ref()?;
+        (*entry.tokens == *tokens).then_some(block)
     }
 
-    /// Registers an in-use block under `hash`; does nothing (returns false) when the block
-    /// is already registered or another block holds that hash.
-    pub(crate) fn register(&mut self, block: BlockId, hash: u64) -> bool {
+    /// Registers an in-use block holding `tokens` under `hash`; does nothing (returns false)
+    /// when the block is already registered or another block holds that hash.
+    pub(crate) fn register(&mut self, block: BlockId, hash: BlockHash, tokens: &[u32]) -> bool {
         let b = block as usize;
         debug_assert!(self.ref_counts[b] > 0, "only in-use blocks are registered");
         if self.hash_of[b].is_some() || self.cache.contains_key(&hash) {
             return false;
         }
-        self.hash_of[b] = Some(hash);
+        self.hash_of[b] = Some(CacheEntry { hash, tokens: tokens.into() });
         self.cache.insert(hash, block);
         true
     }
@@ -175,10 +186,26 @@ impl BlockPool {
             ));
         }
         for (&h, &b) in &self.cache {
-            if self.hash_of[b as usize] != Some(h) {
+            if self.hash_of[b as usize].as_ref().map(|e| e.hash) != Some(h) {
                 return Err(format!("{name} prefix cache maps a hash to block {b}, which is registered differently"));
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hash_match_alone_never_reuses_a_block_its_tokens_must_match_too() {
+        let mut pool = BlockPool::new(4);
+        let block = pool.allocate().expect("a free block");
+        let hash: BlockHash = 0xfeed;
+        assert!(pool.register(block, hash, &[1, 2, 3, 4]));
+        assert_eq!(pool.lookup(hash, &[1, 2, 3, 4]), Some(block));
+        assert_eq!(pool.lookup(hash, &[1, 2, 3, 5]), None, "a colliding hash with other tokens must miss");
+        assert_eq!(pool.lookup(hash + 1, &[1, 2, 3, 4]), None);
     }
 }

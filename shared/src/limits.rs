@@ -1,0 +1,274 @@
+//! Bounds on what arrives over NATS, checked by every receiver before it allocates or acts.
+//!
+//! Every message on the bus is untrusted, internal subjects included: a receiver checks ids,
+//! subjects, counts and token ids against these bounds (and the model's vocabulary and context
+//! length) first, and answers a message that breaks one with an error instead of acting on it.
+
+use crate::protocol::{DetokenizerAck, DetokenizerEvent, ExecutorRegistration, SubmitRequest};
+use crate::sampling::MAX_N;
+
+/// Longest request id, in bytes.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// Longest instance id (executor, detokenizer), in bytes; instance ids are subject tokens.
+pub const MAX_INSTANCE_ID_LEN: usize = 64;
+/// Longest model name, in bytes.
+pub const MAX_MODEL_NAME_LEN: usize = 256;
+/// Longest reply subject, in bytes.
+pub const MAX_SUBJECT_LEN: usize = 256;
+/// Most stop strings one request may give.
+pub const MAX_STOP_STRINGS: usize = 64;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_STRING_LEN: usize = 1024;
+/// Largest KV block, in tokens, an executor may declare.
+pub const MAX_BLOCK_SIZE: usize = 1024;
+/// Longest token list (prompt, or a sample's tokens so far) any internal message may carry.
+pub const MAX_SEQUENCE_TOKENS: usize = 1 << 20;
+
+/// Checks a request id: 1 to [`MAX_REQUEST_ID_LEN`] bytes, no control characters.
+pub fn check_request_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_REQUEST_ID_LEN {
+        return Err(format!("request_id must be 1 to {MAX_REQUEST_ID_LEN} bytes long, got {}", id.len()));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("request_id must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// Checks an instance id, which becomes one token of a subject: 1 to
+/// [`MAX_INSTANCE_ID_LEN`] ASCII letters, digits, `-` or `_`.
+pub fn check_instance_id(id: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if id.is_empty() || id.len() > MAX_INSTANCE_ID_LEN || !id.chars().all(allowed) {
+        return Err(format!("instance ids are 1 to {MAX_INSTANCE_ID_LEN} characters of [A-Za-z0-9_-], got {id:?}"));
+    }
+    Ok(())
+}
+
+/// Checks a subject a message will be published to: at most [`MAX_SUBJECT_LEN`] bytes of
+/// non-empty dot-separated tokens, no wildcard, no white space or control character.
+pub fn check_reply_subject(subject: &str) -> Result<(), String> {
+    if subject.is_empty() || subject.len() > MAX_SUBJECT_LEN {
+        return Err(format!("reply subjects must be 1 to {MAX_SUBJECT_LEN} bytes long, got {}", subject.len()));
+    }
+    let bad_char = |c: char| c.is_whitespace() || c.is_control() || c == '*' || c == '>';
+    if subject.split('.').any(|token| token.is_empty() || token.chars().any(bad_char)) {
+        return Err(format!("{subject:?} is not a valid reply subject"));
+    }
+    Ok(())
+}
+
+/// Checks stop strings: at most [`MAX_STOP_STRINGS`], each 1 to [`MAX_STOP_STRING_LEN`] bytes.
+pub fn check_stop_strings(stop: &[String]) -> Result<(), String> {
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len()));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err("stop strings must not be empty".into());
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_STRING_LEN) {
+        return Err(format!("stop strings must be at most {MAX_STOP_STRING_LEN} bytes long, got {}", long.len()));
+    }
+    Ok(())
+}
+
+/// Checks that every token id is in a vocabulary of `vocab_size` tokens.
+pub fn check_token_ids(field: &str, tokens: &[u32], vocab_size: usize) -> Result<(), String> {
+    match tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        Some(t) => Err(format!("{field}: token id {t} is outside the vocabulary (size {vocab_size})")),
+        None => Ok(()),
+    }
+}
+
+/// What the served model accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Tokens in the vocabulary.
+    pub vocab_size: usize,
+    /// Longest prompt + output.
+    pub max_model_len: usize,
+}
+
+impl ModelLimits {
+    /// Checks a tokenized request in full: ids, reply subject, prompt (length and vocabulary),
+    /// sampling parameters, stop strings.
+    pub fn check_submit(&self, submit: &SubmitRequest) -> Result<(), String> {
+        check_request_id(&submit.request_id)?;
+        check_reply_subject(&submit.reply_to)?;
+        self.check_prompt(&submit.prompt_token_ids)?;
+        submit.params.validate()?;
+        submit.params.check_vocab(self.vocab_size)?;
+        check_stop_strings(&submit.stop)?;
+        let total = submit.prompt_token_ids.len().saturating_add(submit.params.max_tokens);
+        if total > self.max_model_len {
+            return Err(format!(
+                "this model's maximum context length is {} tokens; the prompt has {} tokens and max_tokens is {} ({total} in all)",
+                self.max_model_len,
+                submit.prompt_token_ids.len(),
+                submit.params.max_tokens
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a prompt's token ids: 1 to `max_model_len` of them, each in the vocabulary.
+    pub fn check_prompt(&self, prompt: &[u32]) -> Result<(), String> {
+        if prompt.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        if prompt.len() > self.max_model_len {
+            return Err(format!(
+                "the prompt has {} tokens; this model's maximum context length is {} tokens",
+                prompt.len(),
+                self.max_model_len
+            ));
+        }
+        check_token_ids("prompt", prompt, self.vocab_size)
+    }
+}
+
+/// Checks an executor's registration: its id, model name, block size, and pool sizes against
+/// `max_blocks` (the scheduler's cap on one pool).
+pub fn check_registration(registration: &ExecutorRegistration, max_blocks: usize) -> Result<(), String> {
+    check_instance_id(&registration.executor_id)?;
+    if registration.model.len() > MAX_MODEL_NAME_LEN {
+        return Err(format!("model names are at most {MAX_MODEL_NAME_LEN} bytes long"));
+    }
+    if registration.block_size == 0 || registration.block_size > MAX_BLOCK_SIZE {
+        return Err(format!("block_size must be in 1..={MAX_BLOCK_SIZE}, got {}", registration.block_size));
+    }
+    for (pool, blocks) in [("device", registration.num_device_blocks), ("host", registration.num_host_blocks)] {
+        if blocks > max_blocks {
+            return Err(format!(
+                "the {pool} pool declares {blocks} blocks; this scheduler accepts at most {max_blocks}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a detokenizer's progress report: its id and per-sample vectors of at most
+/// [`MAX_N`] entries.
+pub fn check_ack(ack: &DetokenizerAck) -> Result<(), String> {
+    check_request_id(&ack.request_id)?;
+    if ack.consumed.len() > MAX_N || ack.closed.len() > MAX_N {
+        return Err(format!("an ack names at most {MAX_N} samples"));
+    }
+    Ok(())
+}
+
+/// Checks what a detokenizer is sent: ids, reply subject, sample counts and indices, and
+/// token lists of at most [`MAX_SEQUENCE_TOKENS`].
+pub fn check_detokenizer_event(event: &DetokenizerEvent) -> Result<(), String> {
+    match event {
+        DetokenizerEvent::Open(open) => {
+            check_request_id(&open.request_id)?;
+            check_reply_subject(&open.reply_to)?;
+            check_stop_strings(&open.stop)?;
+            if open.n == 0 || open.n > MAX_N {
+                return Err(format!("n must be in 1..={MAX_N}, got {}", open.n));
+            }
+            if open.prompt_token_ids.len() > MAX_SEQUENCE_TOKENS {
+                return Err(format!("a prompt has at most {MAX_SEQUENCE_TOKENS} tokens"));
+            }
+            if let Some(resume) = &open.resume {
+                if resume.consumed.len() > open.n || resume.closed.len() > open.n {
+                    return Err("a resume point names more samples than the request has".into());
+                }
+                if resume.consumed.iter().map(Vec::len).sum::<usize>() > MAX_SEQUENCE_TOKENS {
+                    return Err(format!("a resume point replays at most {MAX_SEQUENCE_TOKENS} tokens"));
+                }
+            }
+            Ok(())
+        }
+        DetokenizerEvent::Tokens { request_id, tokens } => {
+            check_request_id(request_id)?;
+            if tokens.iter().any(|t| t.sample_index as usize >= MAX_N) {
+                return Err(format!("sample indices are below {MAX_N}"));
+            }
+            Ok(())
+        }
+        DetokenizerEvent::Finish { request_id, message, .. } => {
+            check_request_id(request_id)?;
+            match message {
+                Some(m) if m.len() > 4096 => Err("finish messages are at most 4096 bytes long".into()),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::TextOptions;
+    use crate::sampling::SamplingParams;
+
+    fn submit(prompt: Vec<u32>, params: SamplingParams) -> SubmitRequest {
+        SubmitRequest {
+            request_id: "r1".into(),
+            reply_to: "_INBOX.abc.1".into(),
+            prompt_token_ids: prompt,
+            params,
+            seed: 0,
+            stop: Vec::new(),
+            stream: true,
+            text: TextOptions::default(),
+        }
+    }
+
+    const LIMITS: ModelLimits = ModelLimits { vocab_size: 512, max_model_len: 64 };
+
+    #[test]
+    fn a_valid_submit_passes_and_each_hostile_field_is_refused_by_name() {
+        assert_eq!(LIMITS.check_submit(&submit(vec![1, 2, 3], SamplingParams::greedy(8))), Ok(()));
+        let huge_n = SamplingParams { n: 1_000_000_000_000, ..SamplingParams::greedy(8) };
+        assert!(LIMITS.check_submit(&submit(vec![1], huge_n)).unwrap_err().contains("n must be"));
+        let out_of_vocab = LIMITS.check_submit(&submit(vec![1, 100_000], SamplingParams::greedy(8))).unwrap_err();
+        assert!(out_of_vocab.contains("token id 100000"), "{out_of_vocab}");
+        let too_long = LIMITS.check_submit(&submit(vec![1; 60], SamplingParams::greedy(8))).unwrap_err();
+        assert!(too_long.contains("maximum context length"), "{too_long}");
+        let huge_max_tokens = SamplingParams::greedy(usize::MAX);
+        assert!(LIMITS.check_submit(&submit(vec![1], huge_max_tokens)).is_err());
+        assert!(LIMITS.check_submit(&submit(Vec::new(), SamplingParams::greedy(8))).is_err());
+        let mut long_id = submit(vec![1], SamplingParams::greedy(8));
+        long_id.request_id = "x".repeat(1 << 20);
+        assert!(LIMITS.check_submit(&long_id).unwrap_err().contains("request_id"));
+        let mut wildcard = submit(vec![1], SamplingParams::greedy(8));
+        wildcard.reply_to = "pagemesh.v1.>".into();
+        assert!(LIMITS.check_submit(&wildcard).unwrap_err().contains("reply subject"));
+        let mut stops = submit(vec![1], SamplingParams::greedy(8));
+        stops.stop = vec!["a".into(); MAX_STOP_STRINGS + 1];
+        assert!(LIMITS.check_submit(&stops).unwrap_err().contains("stop strings"));
+    }
+
+    #[test]
+    fn subjects_and_instance_ids_refuse_wildcards_spaces_and_empty_tokens() {
+        assert_eq!(check_reply_subject("_INBOX.a1b2.3"), Ok(()));
+        for bad in ["", "a..b", "a.*", "a.>", "a b", ".a", "a.", "a\nb"] {
+            assert!(check_reply_subject(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(check_instance_id("e1-A_9"), Ok(()));
+        for bad in ["", "a.b", "*", ">", "a b", &"x".repeat(MAX_INSTANCE_ID_LEN + 1)] {
+            assert!(check_instance_id(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn registrations_over_the_block_cap_or_with_odd_block_sizes_are_refused() {
+        let ok = ExecutorRegistration {
+            executor_id: "e1".into(),
+            model: "m".into(),
+            block_size: 16,
+            num_device_blocks: 1024,
+            num_host_blocks: 0,
+        };
+        assert_eq!(check_registration(&ok, 1 << 20), Ok(()));
+        let huge = ExecutorRegistration { num_device_blocks: 4_294_967_294, ..ok.clone() };
+        assert!(check_registration(&huge, 1 << 20).unwrap_err().contains("at most 1048576"));
+        let zero = ExecutorRegistration { block_size: 0, ..ok.clone() };
+        assert!(check_registration(&zero, 1 << 20).is_err());
+        let id = ExecutorRegistration { executor_id: "a.>".into(), ..ok };
+        assert!(check_registration(&id, 1 << 20).is_err());
+    }
+}
