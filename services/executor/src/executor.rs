@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use pagemesh_shared::{SeqId, SeqResult, StepOutput, StepPlan};
+use pagemesh_shared::sampling::MAX_N;
+use pagemesh_shared::{SampleSpec, SeqId, SeqResult, StepOutput, StepPlan};
 use rayon::prelude::*;
 
 use crate::cpu::attention::SeqSpan;
@@ -160,7 +161,7 @@ pub fn validate_plan(plan: &StepPlan, limits: &PlanLimits) -> Result<()> {
         if seq.tokens.is_empty() {
             return Err(invalid(format!("sequence {} feeds no tokens", seq.seq_id)));
         }
-        let end = seq.start_pos + seq.tokens.len();
+        let end = seq.start_pos.saturating_add(seq.tokens.len());
         if end > max_len {
             return Err(invalid(format!(
                 "sequence {} reaches position {end} > max model length {max_len}",
@@ -177,6 +178,9 @@ pub fn validate_plan(plan: &StepPlan, limits: &PlanLimits) -> Result<()> {
             return Err(invalid(format!("sequence {}: token {t} outside the vocabulary ({vocab})", seq.seq_id)));
         }
         if let Some(h) = &seq.history {
+            if let Some(t) = h.iter().find(|&&t| t >= vocab) {
+                return Err(invalid(format!("sequence {}: history token {t} outside the vocabulary", seq.seq_id)));
+            }
             if h.len() != seq.start_pos {
                 return Err(invalid(format!(
                     "sequence {}: history of {} tokens for start {}",
@@ -187,10 +191,27 @@ pub fn validate_plan(plan: &StepPlan, limits: &PlanLimits) -> Result<()> {
             }
         }
         if let Some(s) = &seq.sample {
-            if s.num_samples == 0 {
-                return Err(invalid(format!("sequence {}: zero samples", seq.seq_id)));
-            }
+            validate_sample(seq.seq_id, s, limits)?;
         }
+    }
+    Ok(())
+}
+
+/// Checks a sequence's sampling instructions: sample counts, parameters, token ids.
+fn validate_sample(seq: SeqId, s: &SampleSpec, limits: &PlanLimits) -> Result<()> {
+    if s.num_samples == 0 || s.num_samples as usize > MAX_N || (s.sample_index as usize) >= MAX_N {
+        return Err(invalid(format!(
+            "sequence {seq}: samples {}..+{} outside 0..{MAX_N}",
+            s.sample_index, s.num_samples
+        )));
+    }
+    s.params.validate().map_err(|e| invalid(format!("sequence {seq}: {e}")))?;
+    s.params.check_vocab(limits.vocab_size).map_err(|e| invalid(format!("sequence {seq}: {e}")))?;
+    if let Some(t) = s.banned_tokens.iter().find(|&&t| t as usize >= limits.vocab_size) {
+        return Err(invalid(format!("sequence {seq}: banned token {t} outside the vocabulary")));
+    }
+    if s.prompt_len > limits.max_model_len || s.output_len > limits.max_model_len {
+        return Err(invalid(format!("sequence {seq}: prompt or output length beyond the model's")));
     }
     Ok(())
 }

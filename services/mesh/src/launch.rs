@@ -250,8 +250,10 @@ fn start_executor(
     id: Option<String>,
 ) -> Result<(), String> {
     let (executor, config) = device.executor_backend(args)?;
+    let executor_id = id.unwrap_or_else(new_id);
+    pagemesh_shared::limits::check_instance_id(&executor_id).map_err(|e| format!("--executor-id: {e}"))?;
     let registration = ExecutorRegistration {
-        executor_id: id.unwrap_or_else(new_id),
+        executor_id,
         model: model.to_string(),
         block_size: config.block_size,
         num_device_blocks: config.num_device_blocks,
@@ -404,6 +406,7 @@ pub fn detokenizer(mut args: DetokenizerArgs) -> Result<(), String> {
         crate::metrics_endpoint::start(&args.metrics, "detokenizer")?;
         let bus = connect(&args.nats, Role::Detokenizer).await?;
         let id = args.detokenizer_id.clone().unwrap_or_else(new_id);
+        pagemesh_shared::limits::check_instance_id(&id).map_err(|e| format!("--detokenizer-id: {e}"))?;
         eprintln!("detokenizer {id}");
         DetokenizerService::new(bus, id, tokenizer, name).start();
         wait_forever().await
