@@ -272,6 +272,25 @@ pub struct SubmitRequest {
     pub text: TextOptions,
 }
 
+/// Internal (v1): the scheduler's answer to a submit: it holds the request now (or has
+/// answered the client with an error). A submit without an answer is sent again, then
+/// refused as unavailable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitAck {
+    /// The request's id.
+    pub request_id: String,
+}
+
+/// Internal (v1): a scheduler announces itself every 500 ms; detokenizers end their streams
+/// with an error when no active scheduler has been heard for a few seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerHeartbeat {
+    /// The scheduler instance's id.
+    pub id: String,
+    /// Whether it serves (a standby only watches).
+    pub active: bool,
+}
+
 /// Internal (v1): an abort, detokenizer or gateway → scheduler.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AbortRequest {

@@ -63,6 +63,10 @@ impl Subjects {
     pub fn detokenizer_ack(&self) -> String {
         format!("{}.v1.scheduler.detokenizer_ack", self.prefix)
     }
+    /// Internal: scheduler heartbeats.
+    pub fn scheduler_heartbeat(&self) -> String {
+        format!("{}.v1.scheduler.heartbeat", self.prefix)
+    }
     /// Internal: executor heartbeats (each carries its registration).
     pub fn executor_heartbeat(&self) -> String {
         format!("{}.v1.executor.heartbeat", self.prefix)

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::subjects::Subjects;
@@ -62,6 +62,25 @@ pub enum BusError {
     NoResponders(String),
 }
 
+/// Whether the connection to NATS is up, and since when it has been up or down.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkState {
+    /// Connected now.
+    pub connected: bool,
+    /// When the connection last came up or went down.
+    pub since: Instant,
+}
+
+impl LinkState {
+    /// Whether a peer last heard at `last_seen` has been silent for longer than `timeout` by
+    /// `now`, counting only time this process was connected: while the link is down nothing
+    /// can be heard, so nobody is judged silent; after it comes back, peers get `timeout`
+    /// again to be heard.
+    pub fn is_silent(&self, last_seen: Instant, now: Instant, timeout: Duration) -> bool {
+        self.connected && now.saturating_duration_since(last_seen.max(self.since)) > timeout
+    }
+}
+
 /// A connected client with the deployment's subjects.
 #[derive(Clone)]
 pub struct Bus {
@@ -71,6 +90,7 @@ pub struct Bus {
     pub subjects: Subjects,
     /// Reconnections seen since start.
     pub reconnects: Arc<AtomicU64>,
+    link: Arc<Mutex<LinkState>>,
 }
 
 impl Bus {
@@ -80,12 +100,14 @@ impl Bus {
     pub async fn connect(options: &NatsOptions, name: &str, wait: Duration) -> Result<Self, BusError> {
         let reconnects = Arc::new(AtomicU64::new(0));
         let established = Arc::new(AtomicBool::new(false));
+        let link = Arc::new(Mutex::new(LinkState { connected: false, since: Instant::now() }));
         let service = name.strip_prefix("pagemesh-").unwrap_or(name).to_string();
         let reconnect_metric = metrics::counter!(names::NATS_RECONNECTS, labels::SERVICE => service);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let counter = reconnects.clone();
             let (established_now, metric) = (established.clone(), reconnect_metric.clone());
+            let link_now = link.clone();
             let mut connect = match (&options.creds, &options.token, &options.user) {
                 _ if options.nkey_seed.is_some() => {
                     async_nats::ConnectOptions::with_nkey(options.nkey_seed.clone().unwrap_or_default())
@@ -103,13 +125,23 @@ impl Bus {
             connect = connect
                 .name(name)
                 .custom_inbox_prefix(&options.inbox_prefix)
-                .request_timeout(Some(Duration::from_secs(30)))
+                // Each request bounds its own wait (a step may take longer than any default).
+                .request_timeout(None)
                 .retry_on_initial_connect()
                 .max_reconnects(None)
                 .event_callback(move |event| {
                     let counter = counter.clone();
                     let (established, metric) = (established_now.clone(), metric.clone());
+                    let link = link_now.clone();
                     async move {
+                        let up = match event {
+                            async_nats::Event::Connected => Some(true),
+                            async_nats::Event::Disconnected => Some(false),
+                            _ => None,
+                        };
+                        if let (Some(connected), Ok(mut state)) = (up, link.lock()) {
+                            *state = LinkState { connected, since: Instant::now() };
+                        }
                         if matches!(event, async_nats::Event::Connected) {
                             counter.fetch_add(1, Ordering::Relaxed);
                             if established.load(Ordering::Relaxed) {
@@ -126,7 +158,10 @@ impl Bus {
                     if let Ok(Ok(())) = flushed {
                         reconnects.store(0, Ordering::Relaxed);
                         established.store(true, Ordering::Relaxed);
-                        return Ok(Self { client, subjects: Subjects::new(&options.prefix), reconnects });
+                        if let Ok(mut state) = link.lock() {
+                            *state = LinkState { connected: true, since: Instant::now() };
+                        }
+                        return Ok(Self { client, subjects: Subjects::new(&options.prefix), reconnects, link });
                     }
                 }
                 Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
@@ -139,6 +174,11 @@ impl Bus {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The connection's state now.
+    pub fn link(&self) -> LinkState {
+        self.link.lock().map(|s| *s).unwrap_or(LinkState { connected: true, since: Instant::now() })
     }
 
     /// Publishes a value as JSON.

@@ -12,7 +12,7 @@ use pagemesh_shared::limits;
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
     AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, ResumePoint,
-    TokenEvent, TokenTexts, Usage,
+    SchedulerHeartbeat, TokenEvent, TokenTexts, Usage,
 };
 use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
@@ -290,14 +290,23 @@ pub struct DetokenizerService {
     tokenizer: Arc<TextTokenizer>,
     streams: HashMap<String, RequestStream>,
     model: String,
+    /// When an active scheduler was last heard.
+    last_scheduler: Instant,
 }
 
-struct Incoming(async_nats::Message);
+enum Incoming {
+    Event(async_nats::Message),
+    SchedulerBeat(async_nats::Message),
+}
+
+/// Longest an open stream waits without hearing an active scheduler before it ends with an
+/// error (time this detokenizer's own link to NATS was down does not count).
+pub const SCHEDULER_GRACE: Duration = Duration::from_secs(5);
 
 impl DetokenizerService {
     /// A detokenizer with instance id `id` for the model served as `model`.
     pub fn new(bus: Bus, id: String, tokenizer: Arc<TextTokenizer>, model: String) -> Self {
-        Self { bus, id, tokenizer, streams: HashMap::new(), model }
+        Self { bus, id, tokenizer, streams: HashMap::new(), model, last_scheduler: Instant::now() }
     }
 
     fn finished_counter(&self, reason: FinishReason) -> metrics::Counter {
@@ -381,22 +390,32 @@ impl Actor for DetokenizerService {
     fn started(&mut self, ctx: &mut Self::Context) {
         let client = self.bus.client.clone();
         let subject = self.bus.subjects.detokenizer_events(&self.id);
-        ctx.wait(async move { client.subscribe(subject).await }.into_actor(self).map(|result, _, ctx| match result {
+        let beats = self.bus.subjects.scheduler_heartbeat();
+        let subscribe = async move {
+            let events = client.subscribe(subject).await?.map(Incoming::Event);
+            let beats = client.subscribe(beats).await?.map(Incoming::SchedulerBeat);
+            Ok::<_, async_nats::SubscribeError>(futures::stream::select(events, beats))
+        };
+        ctx.wait(subscribe.into_actor(self).map(|result, _, ctx| match result {
             Ok(sub) => {
-                ctx.add_stream(sub.map(Incoming));
+                ctx.add_stream(sub);
             }
             Err(e) => {
                 eprintln!("detokenizer: cannot subscribe: {e}");
                 System::current().stop_with_code(1);
             }
         }));
-        ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
+        ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| {
+            act.announce(ctx);
+            act.watch_scheduler(ctx);
+        });
         self.announce(ctx);
         // Every series from the start, so that rates are defined before the first request.
         for reason in [FinishReason::Stop, FinishReason::Length, FinishReason::Abort, FinishReason::Error] {
             self.finished_counter(reason).absolute(0);
         }
         metrics::counter!(names::REQUESTS_ABORTED, labels::MODEL => self.model.clone()).absolute(0);
+        crate::refusals::register("detokenizer", &["event", "scheduler_heartbeat"]);
     }
 }
 
@@ -413,19 +432,32 @@ impl DetokenizerService {
     }
 }
 
-impl StreamHandler<Incoming> for DetokenizerService {
-    fn handle(&mut self, Incoming(msg): Incoming, ctx: &mut Self::Context) {
-        let event = decode::<DetokenizerEvent>(msg.subject.as_str(), &msg.payload)
-            .map_err(|e| e.to_string())
-            .and_then(|event| limits::check_detokenizer_event(&event).map(|()| event))
-            .and_then(|event| self.check_capacity(&event).map(|()| event));
-        let event = match event {
-            Ok(e) => e,
-            Err(e) => {
-                refuse("detokenizer", "event", &e);
-                return;
-            }
-        };
+impl DetokenizerService {
+    /// Ends every open stream with an error when no active scheduler has been heard for
+    /// [`SCHEDULER_GRACE`]: nobody would send them tokens any more.
+    fn watch_scheduler(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        if self.streams.is_empty() || !self.bus.link().is_silent(self.last_scheduler, now, SCHEDULER_GRACE) {
+            return;
+        }
+        eprintln!("detokenizer: no scheduler heard for {SCHEDULER_GRACE:?}; ending {} streams", self.streams.len());
+        let ids: Vec<String> = self.streams.keys().cloned().collect();
+        for request_id in ids {
+            let message = Some("the scheduler serving this request is gone".to_string());
+            self.process(DetokenizerEvent::Finish { request_id, reason: FinishReason::Error, message }, ctx);
+        }
+    }
+
+    fn on_scheduler_beat(&mut self, msg: &async_nats::Message) {
+        match decode::<SchedulerHeartbeat>(msg.subject.as_str(), &msg.payload) {
+            Ok(beat) if beat.active => self.last_scheduler = Instant::now(),
+            Ok(_) => {}
+            Err(e) => refuse("detokenizer", "scheduler_heartbeat", &e.to_string()),
+        }
+    }
+
+    /// Applies one event and publishes what it produced, in order.
+    fn process(&mut self, event: DetokenizerEvent, ctx: &mut Context<Self>) {
         let error = match &event {
             DetokenizerEvent::Finish { request_id, reason: FinishReason::Error, message } => {
                 self.streams.get(request_id).filter(|s| s.next_index == 0).map(|s| {
@@ -461,6 +493,26 @@ impl StreamHandler<Incoming> for DetokenizerService {
             }
             .into_actor(self),
         );
+    }
+
+    fn on_event(&mut self, msg: &async_nats::Message, ctx: &mut Context<Self>) {
+        let event = decode::<DetokenizerEvent>(msg.subject.as_str(), &msg.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|event| limits::check_detokenizer_event(&event).map(|()| event))
+            .and_then(|event| self.check_capacity(&event).map(|()| event));
+        match event {
+            Ok(event) => self.process(event, ctx),
+            Err(e) => refuse("detokenizer", "event", &e),
+        }
+    }
+}
+
+impl StreamHandler<Incoming> for DetokenizerService {
+    fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
+        match item {
+            Incoming::Event(msg) => self.on_event(&msg, ctx),
+            Incoming::SchedulerBeat(msg) => self.on_scheduler_beat(&msg),
+        }
     }
 }
 

@@ -53,6 +53,12 @@ impl EarlyAborts {
         }
     }
 
+    /// Whether `id` is remembered (it stays remembered).
+    pub fn contains(&mut self, id: &str, now: Instant) -> bool {
+        self.expire(now);
+        self.since.contains_key(id)
+    }
+
     /// Whether `request_id` was aborted before it arrived; forgets it either way.
     pub fn take(&mut self, request_id: &str, now: Instant) -> bool {
         self.expire(now);

@@ -113,6 +113,7 @@ impl Actor for ExecutorService {
         }));
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
         self.announce(ctx);
+        crate::refusals::register("executor", &["step"]);
     }
 }
 
@@ -137,6 +138,9 @@ impl StreamHandler<IncomingStep> for ExecutorService {
         let Some(reply) = msg.reply.clone() else { return };
         let bus = self.bus.clone();
         let request = decode::<StepRequest>(msg.subject.as_str(), &msg.payload);
+        if let Err(e) = &request {
+            crate::refusals::refuse("executor", "step", &e.to_string());
+        }
         let worker = self.worker.clone();
         // The worker runs steps one at a time in arrival order; heartbeats go on meanwhile.
         ctx.spawn(

@@ -58,6 +58,7 @@ impl Role {
     pub fn inbox_prefix(self) -> &'static str {
         match self {
             Role::Scheduler => "_INBOX_scheduler",
+            Role::Tokenizer => "_INBOX_tokenizer",
             _ => "_INBOX",
         }
     }
@@ -84,10 +85,15 @@ impl Role {
             Role::Tokenizer => {
                 let mut publish = vec![s.submit()];
                 publish.extend(replies);
-                (publish, vec![s.generate(), s.tokenize(), s.detokenize(), s.models()], true)
+                let own_inbox = format!("{}.>", Role::Tokenizer.inbox_prefix());
+                (publish, vec![s.generate(), s.tokenize(), s.detokenize(), s.models(), own_inbox], true)
             }
             Role::Scheduler => {
-                let mut publish = vec![format!("{p}.v1.executor.*.step"), format!("{p}.v1.detokenizer.*.events")];
+                let mut publish = vec![
+                    format!("{p}.v1.executor.*.step"),
+                    format!("{p}.v1.detokenizer.*.events"),
+                    s.scheduler_heartbeat(),
+                ];
                 publish.extend(replies);
                 let subscribe = vec![
                     s.submit(),
@@ -98,6 +104,7 @@ impl Role {
                     s.detokenizer_ack(),
                     s.stats(),
                     s.health(),
+                    s.scheduler_heartbeat(),
                     format!("{}.>", Role::Scheduler.inbox_prefix()),
                 ];
                 (publish, subscribe, true)
@@ -106,7 +113,7 @@ impl Role {
             Role::Detokenizer => {
                 let mut publish = vec![s.detokenizer_heartbeat(), s.detokenizer_ack(), s.scheduler_abort()];
                 publish.extend(replies);
-                (publish, vec![format!("{p}.v1.detokenizer.*.events")], false)
+                (publish, vec![format!("{p}.v1.detokenizer.*.events"), s.scheduler_heartbeat()], false)
             }
         };
         Permissions { publish, subscribe, allow_responses }

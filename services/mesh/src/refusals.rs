@@ -12,6 +12,14 @@ const LOG_INTERVAL_S: u64 = 5;
 
 static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
 
+/// Exports the refusal counters of `service` at 0 for each message kind it receives, so that
+/// their rates are defined before the first refusal.
+pub fn register(service: &'static str, messages: &[&'static str]) {
+    for &message in messages {
+        metrics::counter!(names::INVALID_MESSAGES, labels::SERVICE => service, labels::MESSAGE => message).absolute(0);
+    }
+}
+
 /// Counts a refused message of kind `message` received by `service`, and logs `why` unless
 /// another refusal was logged in the last few seconds.
 pub fn refuse(service: &'static str, message: &'static str, why: &str) {

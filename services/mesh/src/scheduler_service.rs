@@ -18,7 +18,7 @@ use pagemesh_scheduler::{AdmissionError, NewRequest, RequestEvent, Scheduler};
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::protocol::{
     AbortRequest, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, ExecutorRegistration, Heartbeat,
-    OpenRequest, ResumePoint, StepReply, StepRequest, SubmitRequest, TokenEvent,
+    OpenRequest, ResumePoint, SchedulerHeartbeat, StepReply, StepRequest, SubmitAck, SubmitRequest, TokenEvent,
 };
 use pagemesh_shared::SampledToken;
 use pagemesh_shared::{EngineConfig, FinishReason};
@@ -95,8 +95,13 @@ impl RequestState {
     }
 }
 
+/// How often a scheduler announces itself.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+
 /// The scheduler service.
 pub struct SchedulerService {
+    /// This instance's id (in its heartbeats).
+    id: String,
     bus: Bus,
     /// Every message but step requests goes out through it, in order.
     outbox: Option<OrderedPublisher>,
@@ -114,6 +119,8 @@ pub struct SchedulerService {
     migrated: u64,
     /// Aborts that came before their request.
     early_aborts: EarlyAborts,
+    /// Submits answered lately (id and reply subject): one sent again is acknowledged only.
+    recent_submits: EarlyAborts,
     metrics: ModelMetrics,
 }
 
@@ -154,6 +161,8 @@ impl SchedulerService {
             lost: HashMap::new(),
             migrated: 0,
             early_aborts: EarlyAborts::default(),
+            recent_submits: EarlyAborts::default(),
+            id: crate::bus::new_id(),
         }
     }
 
@@ -181,6 +190,19 @@ impl SchedulerService {
             num_device_blocks: registration.num_device_blocks,
             num_host_blocks: registration.num_host_blocks,
             ..self.config.engine.clone()
+        }
+    }
+
+    /// Handles a submit (unless it was handled already) and acknowledges it on `ack_to`.
+    fn on_submit_message(&mut self, submit: SubmitRequest, ack_to: Option<String>, ctx: &mut Context<Self>) {
+        let key = format!("{}\n{}", submit.request_id, submit.reply_to);
+        let ack = SubmitAck { request_id: submit.request_id.clone() };
+        if !self.recent_submits.contains(&key, Instant::now()) {
+            self.recent_submits.remember(&key, Instant::now());
+            self.on_submit(submit, ctx);
+        }
+        if let Some(reply) = ack_to.filter(|r| limits::check_reply_subject(r).is_ok()) {
+            self.publish(ctx, reply, ack);
         }
     }
 
@@ -559,6 +581,10 @@ impl SchedulerService {
             self.requests.iter().filter(|(_, s)| s.detokenizer == lost).map(|(id, _)| id.clone()).collect();
         for id in moved {
             if self.detokenizers.is_empty() {
+                // Nobody can finish the stream: the client hears it from here.
+                if let Some(state) = self.requests.get_mut(&id) {
+                    state.detokenizer.clear();
+                }
                 self.fail(ctx, &id, "the detokenizer serving this request was lost and no other is running");
                 continue;
             }
@@ -664,15 +690,25 @@ impl SchedulerService {
     fn tick(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let timeout = self.config.heartbeat_timeout;
-        let lost: Vec<String> =
-            self.executors.iter().filter(|(_, s)| now - s.last_seen > timeout).map(|(id, _)| id.clone()).collect();
+        // Silence while this scheduler's own link to NATS was down does not count.
+        let link = self.bus.link();
+        let lost: Vec<String> = self
+            .executors
+            .iter()
+            .filter(|(_, s)| link.is_silent(s.last_seen, now, timeout))
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in lost {
             self.lose_executor(&id, ctx);
         }
         let quarantine = 2 * timeout;
         self.lost.retain(|_, at| now - *at < quarantine);
-        let gone: Vec<String> =
-            self.detokenizers.iter().filter(|(_, seen)| now - **seen > timeout).map(|(id, _)| id.clone()).collect();
+        let gone: Vec<String> = self
+            .detokenizers
+            .iter()
+            .filter(|(_, seen)| link.is_silent(**seen, now, timeout))
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in gone {
             eprintln!("scheduler: detokenizer {id} is gone; moving its streams");
             self.detokenizers.remove(&id);
@@ -692,6 +728,13 @@ impl SchedulerService {
             slot.metrics.sync(&slot.core);
         }
         self.metrics.population(self.executors.len(), self.detokenizers.len(), self.unplaced.len());
+    }
+
+    /// Publishes this scheduler's heartbeat.
+    fn announce(&mut self, ctx: &mut Context<Self>) {
+        let beat = SchedulerHeartbeat { id: self.id.clone(), active: true };
+        let subject = self.bus.subjects.scheduler_heartbeat();
+        self.publish(ctx, subject, beat);
     }
 
     fn stats(&self) -> serde_json::Value {
@@ -743,6 +786,11 @@ impl Actor for SchedulerService {
             }),
         );
         ctx.run_interval(Duration::from_millis(200), |act, ctx| act.tick(ctx));
+        ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
+        crate::refusals::register(
+            "scheduler",
+            &["submit", "abort", "executor_heartbeat", "detokenizer_heartbeat", "detokenizer_ack"],
+        );
     }
 }
 
@@ -758,7 +806,7 @@ impl StreamHandler<Incoming> for SchedulerService {
     fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
         match item {
             Incoming::Submit(msg) => match decode::<SubmitRequest>(msg.subject.as_str(), &msg.payload) {
-                Ok(submit) => self.on_submit(submit, ctx),
+                Ok(submit) => self.on_submit_message(submit, msg.reply.map(|r| r.to_string()), ctx),
                 Err(e) => refuse("scheduler", "submit", &e.to_string()),
             },
             Incoming::Abort(msg) | Incoming::PublicAbort(msg) => {

@@ -4,19 +4,21 @@
 //! error on its reply inbox at once. It also answers tokenize, detokenize and models.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::StreamExt;
 use pagemesh_shared::limits;
 use pagemesh_shared::metrics::{self as names, labels};
-use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest, TextOptions};
+use pagemesh_shared::protocol::{
+    ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitAck, SubmitRequest, TextOptions,
+};
 use pagemesh_shared::subjects::TOKENIZER_QUEUE;
 use pagemesh_tokenizer::TextTokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::bus::{new_id, Bus};
+use crate::bus::{new_id, Bus, BusError};
 use crate::chat::PromptRenderer;
 use crate::refusals::refuse;
 use crate::scheduler_metrics::request_error;
@@ -247,6 +249,7 @@ impl Actor for TokenizerService {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        crate::refusals::register("tokenizer", &["generate"]);
         let client = self.bus.client.clone();
         let s = self.bus.subjects.clone();
         ctx.wait(
@@ -276,6 +279,28 @@ impl Actor for TokenizerService {
     }
 }
 
+/// Longest wait for one acknowledgement of a submit.
+const SUBMIT_ACK_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Longest a submit is retried for before the client hears that no scheduler is there.
+const SUBMIT_DEADLINE: Duration = Duration::from_secs(6);
+
+/// Sends a request to the scheduler and waits for its acknowledgement, sending it again
+/// (the scheduler ignores repeats) until one comes or [`SUBMIT_DEADLINE`] passes: a standby
+/// scheduler taking over answers the repeat.
+async fn hand_to_scheduler(bus: &Bus, submit: &SubmitRequest) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + SUBMIT_DEADLINE;
+    loop {
+        let answer = bus.request_json::<_, SubmitAck>(bus.subjects.submit(), submit, SUBMIT_ACK_TIMEOUT).await;
+        let last = tokio::time::Instant::now() >= deadline;
+        match answer {
+            Ok(_) => return Ok(()),
+            Err(BusError::NoResponders(_)) if !last => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(BusError::Timeout(_)) if !last => {}
+            Err(e) => return Err(format!("no scheduler accepted the request: {e}")),
+        }
+    }
+}
+
 impl StreamHandler<Incoming> for TokenizerService {
     fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
         let bus = self.bus.clone();
@@ -298,12 +323,9 @@ impl StreamHandler<Incoming> for TokenizerService {
                 match prepared {
                     Ok(submit) => ctx.spawn(
                         async move {
-                            if let Err(e) = bus.publish_json(bus.subjects.submit(), &submit).await {
-                                let error = ErrorReply::new(
-                                    Some(submit.request_id.clone()),
-                                    ErrorKind::Unavailable,
-                                    e.to_string(),
-                                );
+                            if let Err(message) = hand_to_scheduler(&bus, &submit).await {
+                                let id = Some(submit.request_id.clone());
+                                let error = ErrorReply::new(id, ErrorKind::Unavailable, message);
                                 let _ = bus.publish_json(reply, &error).await;
                             }
                         }

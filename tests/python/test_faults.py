@@ -1,0 +1,155 @@
+"""No client waits on a part that is gone: `kill -9` of the scheduler (no standby) or of the
+last detokenizer ends every stream with an error within 10 s, and new requests are refused
+as unavailable; a 20 s NATS outage is ridden through and in-flight requests complete."""
+
+import asyncio
+import json
+import subprocess
+import time
+
+import nats as nats_py
+
+from conftest import MODEL, Mesh, NatsServer, Process, free_port, http_json, wait_for
+from test_failover import PROMPTS, texts
+
+
+class ServiceMesh:
+    """Every service in its own process (so that each can be killed alone)."""
+
+    def __init__(self, nats, prefix, detokenizers=1, schedulers=1):
+        self.nats, self.prefix = nats, prefix
+        self.common = ["--nats-url", nats.url, "--subject-prefix", prefix]
+        self.http_port = free_port()
+        self.base = f"http://127.0.0.1:{self.http_port}"
+        self.processes = {}
+        model = ["--model", str(MODEL)]
+        for i in range(schedulers):
+            self.start(f"scheduler{i}", "scheduler", *model, "--heartbeat-timeout-ms", "1500")
+        self.start("tokenizer", "tokenizer", *model)
+        for i in range(detokenizers):
+            self.start(f"detokenizer{i}", "detokenizer", *model, "--detokenizer-id", f"d{i}")
+        self.start("executor", "executor", *model, "--threads", "1", "--executor-id", "e0")
+        self.start("gateway", "gateway", "--host", "127.0.0.1", "--port", str(self.http_port))
+
+        def ready():
+            status, body = http_json(self.base + "/ready")
+            return status == 200 and body["executors"] == 1 and body["detokenizers"] == detokenizers
+        wait_for(ready, timeout=60, what="the mesh")
+
+    def start(self, name, service, *args):
+        self.processes[name] = Process([service, *self.common, *args], f"{name}-{self.prefix}")
+
+    def stop(self):
+        for p in self.processes.values():
+            p.stop()
+
+
+def long_bodies(count=8):
+    return [{"prompt": PROMPTS[i % len(PROMPTS)], "temperature": 0, "max_tokens": 480, "ignore_eos": True}
+            for i in range(count)]
+
+
+async def stream(url, prefix, body, first_chunk, timeout=60):
+    """Chunks of one request (or its error), recording when it ended; `first_chunk` is set
+    when the first chunk arrives."""
+    nc = await nats_py.connect(url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(f"{prefix}.generate", json.dumps(body).encode(), reply=inbox)
+        chunks = []
+        while True:
+            data = json.loads((await sub.next_msg(timeout=timeout)).data)
+            if "error" in data:
+                return {"error": data["error"], "chunks": chunks, "ended": time.monotonic()}
+            chunks.append(data)
+            first_chunk.set()
+            if data.get("done"):
+                return {"chunks": chunks, "ended": time.monotonic()}
+    finally:
+        await nc.close()
+
+
+def ended_with_error(result):
+    if "error" in result:
+        return True
+    last = result["chunks"][-1]
+    return last.get("done") and last.get("finish_reason") == "error"
+
+
+async def streams_then(url, prefix, fault, count=8):
+    """Starts `count` long streams, runs `fault` once every one has a first chunk, and returns
+    the results with the time of the fault."""
+    firsts = [asyncio.Event() for _ in range(count)]
+    tasks = [asyncio.create_task(stream(url, prefix, b, e)) for b, e in zip(long_bodies(count), firsts)]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in firsts)), timeout=60)
+    at = time.monotonic()
+    fault()
+    return await asyncio.gather(*tasks), at
+
+
+def test_killing_the_scheduler_without_a_standby_ends_every_stream_with_an_error_within_10_s(nats):
+    m = ServiceMesh(nats, "schedkill")
+    try:
+        results, killed_at = asyncio.run(streams_then(nats.url, "schedkill",
+                                                      lambda: m.processes["scheduler0"].kill(9)))
+        for r in results:
+            assert ended_with_error(r), r
+            assert r["ended"] - killed_at < 10, f"a stream ended {r['ended'] - killed_at:.1f} s after the kill"
+        # A new request is refused as unavailable, quickly, over NATS and over HTTP.
+        started = time.monotonic()
+        r = asyncio.run(stream(nats.url, "schedkill", long_bodies(1)[0], asyncio.Event()))
+        assert "error" in r and r["error"]["kind"] == "unavailable", r
+        status, body = http_json(m.base + "/v1/completions", {"prompt": "Once", "max_tokens": 4}, timeout=30)
+        assert status == 503, body
+        assert time.monotonic() - started < 20
+    finally:
+        m.stop()
+
+
+def test_killing_the_last_detokenizer_ends_every_stream_with_an_error_within_10_s(nats):
+    m = ServiceMesh(nats, "detokkill")
+    try:
+        results, killed_at = asyncio.run(streams_then(nats.url, "detokkill",
+                                                      lambda: m.processes["detokenizer0"].kill(9)))
+        for r in results:
+            assert "error" in r, r
+            assert r["error"]["kind"] == "unavailable", r
+            assert r["ended"] - killed_at < 10, f"a stream ended {r['ended'] - killed_at:.1f} s after the kill"
+    finally:
+        m.stop()
+
+
+def test_in_flight_requests_complete_through_a_20_s_nats_outage():
+    own = NatsServer()
+    m = Mesh(own, "outage")
+    try:
+        m.wait_ready()
+
+        async def fault_free():
+            return await asyncio.gather(*(stream(own.url, "outage", b, asyncio.Event()) for b in long_bodies(4)))
+        reference = texts([r["chunks"] for r in asyncio.run(fault_free())])
+
+        def outage():
+            own.proc.terminate()
+            own.proc.wait(timeout=10)
+            time.sleep(20)
+            own.proc = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(own.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        async def with_outage():
+            firsts = [asyncio.Event() for _ in range(4)]
+            tasks = [asyncio.create_task(stream(own.url, "outage", b, e, timeout=90))
+                     for b, e in zip(long_bodies(4), firsts)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in firsts)), timeout=60)
+            await asyncio.get_running_loop().run_in_executor(None, outage)
+            return await asyncio.gather(*tasks)
+
+        results = asyncio.run(with_outage())
+        for r in results:
+            assert "error" not in r, r
+        assert texts([r["chunks"] for r in results]) == reference
+        wait_for(m.all_blocks_free, timeout=10, what="every block free")
+    finally:
+        m.stop()
+        own.stop()
