@@ -95,6 +95,12 @@ impl ModelLimits {
     pub fn check_submit(&self, submit: &SubmitRequest) -> Result<(), String> {
         check_request_id(&submit.request_id)?;
         check_reply_subject(&submit.reply_to)?;
+        if submit.owner.as_ref().is_some_and(|o| o.len() > MAX_MODEL_NAME_LEN) {
+            return Err("owner accounts are at most 256 bytes long".into());
+        }
+        if submit.user.as_ref().is_some_and(|u| u.len() > MAX_REQUEST_ID_LEN) {
+            return Err(format!("user must be at most {MAX_REQUEST_ID_LEN} bytes long"));
+        }
         self.check_prompt(&submit.prompt_token_ids)?;
         submit.params.validate()?;
         submit.params.check_vocab(self.vocab_size)?;
@@ -163,6 +169,7 @@ pub fn check_detokenizer_event(event: &DetokenizerEvent) -> Result<(), String> {
     match event {
         DetokenizerEvent::Open(open) => {
             check_request_id(&open.request_id)?;
+            open.params.validate()?;
             check_reply_subject(&open.reply_to)?;
             check_stop_strings(&open.stop)?;
             if open.n == 0 || open.n > MAX_N {
@@ -214,6 +221,8 @@ mod tests {
             stop: Vec::new(),
             stream: true,
             text: TextOptions::default(),
+            owner: None,
+            user: None,
         }
     }
 

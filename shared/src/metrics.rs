@@ -188,7 +188,7 @@ pub const ALL: &[MetricDef] = &[
     gauge(REQUESTS_RUNNING, "Requests running on an executor."),
     gauge(REQUESTS_WAITING, "Requests waiting to be scheduled on an executor."),
     gauge(REQUESTS_SWAPPED, "Requests preempted to host (swap) memory."),
-    gauge(REQUESTS_UNPLACED, "Requests waiting for an executor or detokenizer to exist."),
+    gauge(REQUESTS_UNPLACED, "Requests accepted but not on an executor yet (waiting for one, or for their turn)."),
     gauge(EXECUTORS, "Executors registered with the scheduler."),
     gauge(DETOKENIZERS, "Detokenizers registered with the scheduler."),
     gauge(KV_BLOCKS_USED, "Device KV blocks in use."),

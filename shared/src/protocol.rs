@@ -80,6 +80,11 @@ pub struct GenerateRequest {
     /// End the text with the stop string that ended it (default false: cut before it).
     #[serde(default)]
     pub include_stop_str_in_output: Option<bool>,
+    /// Who the request is for: waiting requests are taken round robin across users (a NATS
+    /// client account counts as one user, whatever it puts here). The gateway sets it to the
+    /// API key's (or the client address's) identity.
+    #[serde(default)]
+    pub user: Option<String>,
     /// Sampling parameters, named as in the OpenAI API.
     #[serde(flatten)]
     pub params: SamplingParams,
@@ -270,6 +275,20 @@ pub struct SubmitRequest {
     /// How the text is made.
     #[serde(default)]
     pub text: TextOptions,
+    /// The NATS account of the client that sent the request (as NATS itself reports it), when
+    /// it came from a client account: only that account may abort it on the public subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Who the request is for, when it came from inside the services' account (the gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl SubmitRequest {
+    /// Whose turn the request waits for: its client account, else its user.
+    pub fn fairness_key(&self) -> &str {
+        self.owner.as_deref().or(self.user.as_deref()).unwrap_or_default()
+    }
 }
 
 /// Internal (v1): the scheduler's answer to a submit: it holds the request now (or has
@@ -289,6 +308,12 @@ pub struct SchedulerHeartbeat {
     pub id: String,
     /// Whether it serves (a standby only watches).
     pub active: bool,
+    /// Its term: each takeover serves under a higher one.
+    #[serde(default)]
+    pub term: u64,
+    /// When it started (milliseconds since the Unix epoch); the older one wins a tie.
+    #[serde(default)]
+    pub started_ms: u64,
 }
 
 /// Internal (v1): an abort, detokenizer or gateway → scheduler.
@@ -340,7 +365,7 @@ pub enum StepReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DetokenizerEvent {
     /// A request starts on this detokenizer (or moves to it, with the tokens so far).
-    Open(OpenRequest),
+    Open(Box<OpenRequest>),
     /// New tokens.
     Tokens {
         /// The request's id.
@@ -356,6 +381,10 @@ pub enum DetokenizerEvent {
         reason: FinishReason,
         /// A message for `error` finishes.
         message: Option<String>,
+        /// For an `error` finish before any chunk: the kind of error the client is told
+        /// (`unavailable` when absent).
+        #[serde(default)]
+        kind: Option<ErrorKind>,
     },
 }
 
@@ -382,6 +411,59 @@ pub struct OpenRequest {
     /// Set when the stream moves from a lost detokenizer: what that one had already published.
     #[serde(default)]
     pub resume: Option<ResumePoint>,
+    /// The request's sampling parameters and seed, kept by the detokenizer so that a
+    /// scheduler taking over can run the request on.
+    #[serde(default)]
+    pub params: SamplingParams,
+    /// The resolved seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// The client account that sent the request, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// Internal (v1): what a scheduler sends a detokenizer: an event, under the scheduler's term
+/// (events of a term below the highest the detokenizer has heard are dropped).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetokenizerMessage {
+    /// The sending scheduler's term.
+    pub term: u64,
+    /// The event.
+    pub event: DetokenizerEvent,
+}
+
+/// Internal (v1): a scheduler taking over asks each detokenizer for its open streams, a page
+/// at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamReportRequest {
+    /// The new scheduler's term: from now on the detokenizer drops events of lower terms.
+    pub term: u64,
+    /// Report the streams whose request ids sort after this one (none: from the first).
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// Internal (v1): a page of a detokenizer's open streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamReport {
+    /// The streams, by request id.
+    pub streams: Vec<StreamState>,
+    /// Whether more pages follow.
+    pub more: bool,
+}
+
+/// Internal (v1): one stream as its detokenizer holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamState {
+    /// The request (with its sampling parameters and seed).
+    pub open: OpenRequest,
+    /// Per sample, every token received so far.
+    pub generated: Vec<Vec<u32>>,
+    /// Per sample, how it ended (none: still running).
+    pub finished: Vec<Option<FinishReason>>,
+    /// How far its published chunks got.
+    pub ack: DetokenizerAck,
 }
 
 /// Internal (v1): how far a request's stream had got on a lost detokenizer, so that another

@@ -75,6 +75,11 @@ impl Subjects {
     pub fn executor_step(&self, executor_id: &str) -> String {
         format!("{}.v1.executor.{executor_id}.step", self.prefix)
     }
+    /// Internal: a detokenizer's open streams, asked for by a scheduler taking over
+    /// (request/reply).
+    pub fn detokenizer_report(&self, detokenizer_id: &str) -> String {
+        format!("{}.v1.detokenizer.{detokenizer_id}.report", self.prefix)
+    }
     /// Internal: detokenizer registration and heartbeats.
     pub fn detokenizer_heartbeat(&self) -> String {
         format!("{}.v1.detokenizer.heartbeat", self.prefix)

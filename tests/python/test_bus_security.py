@@ -237,8 +237,11 @@ def test_hostile_messages_from_service_users_are_refused_with_errors(bus, secure
             replies = await gateway.subscribe(inbox)
             await gateway.flush()
 
+            counter = iter(range(10**6))
+
             def submit(**over):
-                body = {"request_id": "hostile", "reply_to": inbox, "prompt_token_ids": [1, 2, 3],
+                # Distinct ids: a submit repeated with the same id and inbox is only acknowledged.
+                body = {"request_id": f"hostile-{next(counter)}", "reply_to": inbox, "prompt_token_ids": [1, 2, 3],
                         "params": {"max_tokens": 4, "temperature": 0}, "seed": 0, "stop": [], "stream": True}
                 body.update(over)
                 return json.dumps(body).encode()
@@ -335,7 +338,8 @@ def test_hostile_steps_and_detokenizer_events_are_refused(bus, secured_mesh, ref
                                                               "finish": None}]}},
                 ]
                 for event in events:
-                    await scheduler.publish(f"{PREFIX}.v1.detokenizer.known.events", json.dumps(event).encode())
+                    message = {"term": 10**6, "event": event}
+                    await scheduler.publish(f"{PREFIX}.v1.detokenizer.known.events", json.dumps(message).encode())
                 await scheduler.publish(f"{PREFIX}.v1.detokenizer.known.events", b"[1, 2")
                 await scheduler.flush()
                 assert not scheduler.violations, scheduler.violations
@@ -408,3 +412,40 @@ async def generate_on(nc, prefix, case):
         chunks.append(data)
         if data.get("done"):
             return chunks
+
+
+def test_only_the_client_that_sent_a_request_can_abort_it(bus, secured_mesh):
+    async def scenario():
+        alice, bob = await bus.connect("alice"), await bus.connect("bob")
+        try:
+            async def run(request_id, aborter):
+                inbox = bob.new_inbox()
+                sub = await bob.subscribe(inbox)
+                body = {"request_id": request_id, "prompt": "Once upon a time", "max_tokens": 400,
+                        "ignore_eos": True, "temperature": 0}
+                await bob.publish(f"{PREFIX}.generate", json.dumps(body).encode(), reply=inbox)
+                chunks, aborted = [], False
+                while True:
+                    data = json.loads((await sub.next_msg(timeout=30)).data)
+                    assert "error" not in data, data
+                    chunks.append(data)
+                    if not aborted:
+                        await aborter.publish(f"{PREFIX}.abort", json.dumps({"request_id": request_id}).encode())
+                        await aborter.flush()
+                        aborted = True
+                    if data.get("done"):
+                        return chunks
+
+            stolen = await run("bob-1", alice)
+            assert stolen[-1]["finish_reason"] == "length", stolen[-1]
+            assert sum(len(c["token_ids"]) for c in stolen) == 400
+            own = await run("bob-2", bob)
+            assert own[-1]["finish_reason"] == "abort", own[-1]
+            assert not alice.violations and not bob.violations
+        finally:
+            await alice.close()
+            await bob.close()
+
+    before = invalid_count(secured_mesh, "scheduler", "abort")
+    run(scenario())
+    assert invalid_count(secured_mesh, "scheduler", "abort") > before

@@ -50,11 +50,28 @@ def test_compose_files_validate():
         assert run.returncode == 0, run.stderr
 
 
-def test_nats_auth_is_required():
-    """Without the .env's password, compose refuses to start anything."""
-    run = compose("-f", "docker-compose.yml", "config", "-q", env_file=None)
-    assert run.returncode != 0
-    assert "NATS_PASSWORD" in run.stderr
+def test_the_bus_is_configured_by_pagemesh_nats_config(config, tmp_path):
+    """NATS runs with the configuration `pagemesh nats-config` writes (accounts, per-role NKey
+    users) before it starts; every service logs in with its role's seed from that folder."""
+    services = config["services"]
+    auth = services["nats-auth"]
+    assert auth["image"] == "pagemesh:cpu" and auth["command"][0] == "nats-config"
+    assert auth["command"][auth["command"].index("--out") + 1] == "/nats-auth"
+    nats = services["nats"]
+    assert nats["command"][:2] == ["-c", "/nats-auth/nats.conf"]
+    assert nats["depends_on"]["nats-auth"]["condition"] == "service_completed_successfully"
+    assert mounts(nats)["/nats-auth"] == mounts(auth)["/nats-auth"]
+    for name in PAGEMESH_SERVICES:
+        assert services[name]["environment"]["PAGEMESH_NATS_AUTH_DIR"] == "/nats-auth", name
+        assert any(v.startswith(mounts(auth)["/nats-auth"] + ":/nats-auth:ro") for v in services[name]["volumes"])
+        assert not any(k in services[name]["environment"] for k in ("PAGEMESH_NATS_USER", "PAGEMESH_NATS_PASSWORD"))
+    # The configuration the image would write is one nats-server accepts.
+    from conftest import BIN
+    listen = auth["command"][auth["command"].index("--listen") + 1]
+    subprocess.run([str(BIN), "nats-config", "--out", str(tmp_path), "--listen", listen], check=True,
+                   capture_output=True)
+    check = subprocess.run(["nats-server", "-c", str(tmp_path / "nats.conf"), "-t"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_the_dockerfile_has_the_stages_compose_builds():
@@ -67,7 +84,7 @@ def test_the_dockerfile_has_the_stages_compose_builds():
 
 def test_every_service_runs_from_the_image_with_metrics_and_a_healthcheck(config):
     services = config["services"]
-    assert set(services) >= {"nats", "model", *PAGEMESH_SERVICES, "prometheus", "grafana"}
+    assert set(services) >= {"nats", "nats-auth", "model", *PAGEMESH_SERVICES, "prometheus", "grafana"}
     for name in PAGEMESH_SERVICES:
         s = services[name]
         assert s["image"] == "pagemesh:cpu" and s["build"]["dockerfile"] == "Dockerfile", name
@@ -75,7 +92,6 @@ def test_every_service_runs_from_the_image_with_metrics_and_a_healthcheck(config
         assert s["command"][0] == name
         assert s["environment"]["PAGEMESH_METRICS_PORT"] == "9100"
         assert s["environment"]["PAGEMESH_NATS_URL"] == "nats://nats:4222"
-        assert s["environment"]["PAGEMESH_NATS_PASSWORD"] == "change-me"
         assert s["healthcheck"]["test"][0] == "CMD"
         assert s["depends_on"]["nats"]["condition"] == "service_healthy"
     for name in ["scheduler", "tokenizer", "detokenizer", "executor"]:
@@ -84,13 +100,6 @@ def test_every_service_runs_from_the_image_with_metrics_and_a_healthcheck(config
         assert "healthcheck" in services[name], name
     assert services["gateway"]["depends_on"]["scheduler"]["condition"] == "service_healthy"
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
-
-
-def test_nats_has_jetstream_and_auth(config):
-    nats = config["services"]["nats"]
-    assert nats["image"].startswith("nats:")
-    assert "--jetstream" in nats["command"]
-    assert "--user=pagemesh" in nats["command"] and "--pass=change-me" in nats["command"]
 
 
 def test_executors_scale(config):

@@ -153,3 +153,37 @@ def test_in_flight_requests_complete_through_a_20_s_nats_outage():
     finally:
         m.stop()
         own.stop()
+
+
+def test_killing_the_scheduler_with_a_standby_running_loses_no_stream(nats):
+    m = ServiceMesh(nats, "standby", schedulers=2, detokenizers=2)
+    try:
+        async def fault_free():
+            return await asyncio.gather(*(stream(nats.url, "standby", b, asyncio.Event()) for b in long_bodies()))
+        reference = texts([r["chunks"] for r in asyncio.run(fault_free())])
+        active = http_json(m.base + "/stats")[1]["scheduler"]
+        names = [name for name in ("scheduler0", "scheduler1")]
+
+        def kill_active():
+            # Each scheduler logs its id when it starts serving; the active one is named in /stats.
+            for name in names:
+                log = (m.processes[name].log.name)
+                if active in open(log).read():
+                    m.processes[name].kill(9)
+                    return
+            raise AssertionError(f"no process logged the active scheduler {active}")
+
+        results, _ = asyncio.run(streams_then(nats.url, "standby", kill_active))
+        for r in results:
+            assert "error" not in r, r
+            indices = [c["index"] for c in r["chunks"]]
+            assert indices == list(range(len(indices))), "a chunk was lost or repeated"
+        assert texts([r["chunks"] for r in results]) == reference
+        after = http_json(m.base + "/stats")[1]
+        assert after["scheduler"] != active and after["term"] > 1, after
+        assert after["migrated_requests"] > 0, after
+        wait_for(lambda: (lambda s: s["requests"] == 0 and all(
+            e["device_blocks_free"] == e["device_blocks_total"] for e in s["executors"]))(
+                http_json(m.base + "/stats")[1]), timeout=10, what="every block free")
+    finally:
+        m.stop()

@@ -191,7 +191,9 @@ def test_overload_over_http_is_429(nats):
                         "temperature": 0, "ignore_eos": True}
                 return await asyncio.gather(*(h.post(m.base + "/v1/completions", json=body) for _ in range(6)))
 
-        codes = sorted(r.status_code for r in asyncio.run(run()))
+        responses = asyncio.run(run())
+        codes = sorted(r.status_code for r in responses)
         assert 429 in codes and 200 in codes, codes
+        assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 429)
     finally:
         m.stop()

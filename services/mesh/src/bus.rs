@@ -262,6 +262,16 @@ pub fn decode<R: DeserializeOwned>(subject: &str, payload: &[u8]) -> Result<R, B
         .map_err(|e| BusError::Codec { subject: subject.to_string(), message: e.to_string() })
 }
 
+/// The NATS account a message was sent from, as the server reports it in the
+/// `Nats-Request-Info` header of a request imported from another account (clients' accounts
+/// import the public subjects with `share: true`). None for messages from the same account.
+pub fn requester_account(msg: &async_nats::Message) -> Option<String> {
+    let info = msg.headers.as_ref()?.get("Nats-Request-Info")?;
+    let info: serde_json::Value = serde_json::from_str(info.as_str()).ok()?;
+    let account = info.get("acc")?.as_str()?;
+    (!account.is_empty() && account.len() <= 256).then(|| account.to_string())
+}
+
 /// A fresh random id (hex), for instances and requests.
 pub fn new_id() -> String {
     format!("{:016x}", rand::random::<u64>())

@@ -47,6 +47,10 @@ async fn open_one(bus: &Bus, request: &Value) -> Result<ChunkStream, ErrorReply>
                 return Some((Err(e), (sub, true)));
             }
         };
+        if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            let e = ErrorReply::new(None, ErrorKind::Unavailable, "no tokenizer is running to take the request");
+            return Some((Err(e), (sub, true)));
+        }
         match serde_json::from_slice::<ReplyMessage>(&msg.payload) {
             Ok(ReplyMessage::Error(e)) => Some((Err(e), (sub, true))),
             Ok(ReplyMessage::Chunk(c)) => {

@@ -11,8 +11,9 @@ use futures::StreamExt;
 use pagemesh_shared::limits;
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
-    AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, ResumePoint,
-    SchedulerHeartbeat, TokenEvent, TokenTexts, Usage,
+    AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, DetokenizerMessage, ErrorKind, ErrorReply, Heartbeat,
+    OpenRequest, ResumePoint, SchedulerHeartbeat, StreamReport, StreamReportRequest, StreamState, TokenEvent,
+    TokenTexts, Usage,
 };
 use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
@@ -40,6 +41,8 @@ struct SampleStream {
     /// Whether its last chunk is out.
     closed: bool,
     tokens: usize,
+    /// Every token received, for a scheduler taking over.
+    received: Vec<u32>,
     /// Everything, for non-streamed requests.
     text: String,
     ids: Vec<u32>,
@@ -75,6 +78,7 @@ impl RequestStream {
                 finished: None,
                 closed: false,
                 tokens: 0,
+                received: Vec::new(),
                 text: String::new(),
                 ids: Vec::new(),
                 logprobs: Vec::new(),
@@ -132,6 +136,16 @@ impl RequestStream {
         self.next_index = point.next_index;
     }
 
+    /// The stream as a scheduler taking over needs it.
+    fn state(&self) -> StreamState {
+        StreamState {
+            open: self.open.clone(),
+            generated: self.samples.iter().map(|s| s.received.clone()).collect(),
+            finished: self.samples.iter().map(|s| s.finished).collect(),
+            ack: self.ack(),
+        }
+    }
+
     fn ack(&self) -> DetokenizerAck {
         DetokenizerAck {
             request_id: self.open.request_id.clone(),
@@ -150,6 +164,7 @@ impl RequestStream {
         }
         if let Some(token) = event.token {
             sample.tokens += 1;
+            sample.received.push(token.token);
             sample.new_ids.push(token.token);
             if self.open.logprobs {
                 let text_of = |id| sample.decode.token_text(tokenizer, id).unwrap_or_default();
@@ -292,12 +307,19 @@ pub struct DetokenizerService {
     model: String,
     /// When an active scheduler was last heard.
     last_scheduler: Instant,
+    /// The highest scheduler term heard: events of lower terms come from a scheduler that
+    /// was replaced, and are dropped.
+    term: u64,
 }
 
 enum Incoming {
     Event(async_nats::Message),
     SchedulerBeat(async_nats::Message),
+    Report(async_nats::Message),
 }
+
+/// Most bytes of streams in one page of a report (well under a NATS message).
+const REPORT_PAGE_BYTES: usize = 256 * 1024;
 
 /// Longest an open stream waits without hearing an active scheduler before it ends with an
 /// error (time this detokenizer's own link to NATS was down does not count).
@@ -306,7 +328,7 @@ pub const SCHEDULER_GRACE: Duration = Duration::from_secs(5);
 impl DetokenizerService {
     /// A detokenizer with instance id `id` for the model served as `model`.
     pub fn new(bus: Bus, id: String, tokenizer: Arc<TextTokenizer>, model: String) -> Self {
-        Self { bus, id, tokenizer, streams: HashMap::new(), model, last_scheduler: Instant::now() }
+        Self { bus, id, tokenizer, streams: HashMap::new(), model, last_scheduler: Instant::now(), term: 0 }
     }
 
     fn finished_counter(&self, reason: FinishReason) -> metrics::Counter {
@@ -339,7 +361,7 @@ impl DetokenizerService {
         match event {
             DetokenizerEvent::Open(open) => {
                 let resume = open.resume.clone();
-                let mut stream = RequestStream::new(open);
+                let mut stream = RequestStream::new(*open);
                 if let Some(point) = &resume {
                     stream.resume(&self.tokenizer, point);
                 }
@@ -364,7 +386,7 @@ impl DetokenizerService {
                 }
                 Some(Output { reply_to, chunks, abort, ack })
             }
-            DetokenizerEvent::Finish { request_id, reason, message } => {
+            DetokenizerEvent::Finish { request_id, reason, message, .. } => {
                 let mut stream = self.streams.remove(&request_id)?;
                 for s in &mut stream.samples {
                     s.finished.get_or_insert(reason);
@@ -391,10 +413,14 @@ impl Actor for DetokenizerService {
         let client = self.bus.client.clone();
         let subject = self.bus.subjects.detokenizer_events(&self.id);
         let beats = self.bus.subjects.scheduler_heartbeat();
+        let reports = self.bus.subjects.detokenizer_report(&self.id);
         let subscribe = async move {
-            let events = client.subscribe(subject).await?.map(Incoming::Event);
-            let beats = client.subscribe(beats).await?.map(Incoming::SchedulerBeat);
-            Ok::<_, async_nats::SubscribeError>(futures::stream::select(events, beats))
+            let subs = [
+                client.subscribe(subject).await?.map(Incoming::Event).boxed(),
+                client.subscribe(beats).await?.map(Incoming::SchedulerBeat).boxed(),
+                client.subscribe(reports).await?.map(Incoming::Report).boxed(),
+            ];
+            Ok::<_, async_nats::SubscribeError>(futures::stream::select_all(subs))
         };
         ctx.wait(subscribe.into_actor(self).map(|result, _, ctx| match result {
             Ok(sub) => {
@@ -415,7 +441,7 @@ impl Actor for DetokenizerService {
             self.finished_counter(reason).absolute(0);
         }
         metrics::counter!(names::REQUESTS_ABORTED, labels::MODEL => self.model.clone()).absolute(0);
-        crate::refusals::register("detokenizer", &["event", "scheduler_heartbeat"]);
+        crate::refusals::register("detokenizer", &["event", "scheduler_heartbeat", "stream_report"]);
     }
 }
 
@@ -444,13 +470,17 @@ impl DetokenizerService {
         let ids: Vec<String> = self.streams.keys().cloned().collect();
         for request_id in ids {
             let message = Some("the scheduler serving this request is gone".to_string());
-            self.process(DetokenizerEvent::Finish { request_id, reason: FinishReason::Error, message }, ctx);
+            let event = DetokenizerEvent::Finish { request_id, reason: FinishReason::Error, message, kind: None };
+            self.process(event, ctx);
         }
     }
 
     fn on_scheduler_beat(&mut self, msg: &async_nats::Message) {
         match decode::<SchedulerHeartbeat>(msg.subject.as_str(), &msg.payload) {
-            Ok(beat) if beat.active => self.last_scheduler = Instant::now(),
+            Ok(beat) if beat.active && beat.term >= self.term => {
+                self.term = beat.term;
+                self.last_scheduler = Instant::now();
+            }
             Ok(_) => {}
             Err(e) => refuse("detokenizer", "scheduler_heartbeat", &e.to_string()),
         }
@@ -459,10 +489,11 @@ impl DetokenizerService {
     /// Applies one event and publishes what it produced, in order.
     fn process(&mut self, event: DetokenizerEvent, ctx: &mut Context<Self>) {
         let error = match &event {
-            DetokenizerEvent::Finish { request_id, reason: FinishReason::Error, message } => {
+            DetokenizerEvent::Finish { request_id, reason: FinishReason::Error, message, kind } => {
                 self.streams.get(request_id).filter(|s| s.next_index == 0).map(|s| {
                     let text = message.clone().unwrap_or_else(|| "the request failed".into());
-                    (s.open.reply_to.clone(), ErrorReply::new(Some(request_id.clone()), ErrorKind::Unavailable, text))
+                    let kind = kind.unwrap_or(ErrorKind::Unavailable);
+                    (s.open.reply_to.clone(), ErrorReply::new(Some(request_id.clone()), kind, text))
                 })
             }
             _ => None,
@@ -496,14 +527,53 @@ impl DetokenizerService {
     }
 
     fn on_event(&mut self, msg: &async_nats::Message, ctx: &mut Context<Self>) {
-        let event = decode::<DetokenizerEvent>(msg.subject.as_str(), &msg.payload)
+        let message = decode::<DetokenizerMessage>(msg.subject.as_str(), &msg.payload)
             .map_err(|e| e.to_string())
-            .and_then(|event| limits::check_detokenizer_event(&event).map(|()| event))
-            .and_then(|event| self.check_capacity(&event).map(|()| event));
-        match event {
-            Ok(event) => self.process(event, ctx),
+            .and_then(|m| limits::check_detokenizer_event(&m.event).map(|()| m))
+            .and_then(|m| self.check_capacity(&m.event).map(|()| m));
+        match message {
+            // From a scheduler that was replaced: the new one owns the stream now.
+            Ok(message) if message.term < self.term => {}
+            Ok(message) => {
+                self.term = message.term;
+                self.process(message.event, ctx);
+            }
             Err(e) => refuse("detokenizer", "event", &e),
         }
+    }
+
+    /// Answers a scheduler taking over with a page of the streams held here; from then on,
+    /// events of older terms are dropped.
+    fn on_report(&mut self, msg: &async_nats::Message, ctx: &mut Context<Self>) {
+        let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else { return };
+        let request = match decode::<StreamReportRequest>(msg.subject.as_str(), &msg.payload) {
+            Ok(r) => r,
+            Err(e) => return refuse("detokenizer", "stream_report", &e.to_string()),
+        };
+        self.term = self.term.max(request.term);
+        self.last_scheduler = Instant::now();
+        let mut ids: Vec<&String> =
+            self.streams.keys().filter(|id| request.after.as_ref().is_none_or(|after| *id > after)).collect();
+        ids.sort();
+        let (mut streams, mut bytes, mut more) = (Vec::new(), 0, false);
+        for id in ids {
+            let Some(stream) = self.streams.get(id) else { continue };
+            let state = stream.state();
+            bytes += serde_json::to_vec(&state).map_or(0, |v| v.len());
+            if bytes > REPORT_PAGE_BYTES && !streams.is_empty() {
+                more = true;
+                break;
+            }
+            streams.push(state);
+        }
+        let bus = self.bus.clone();
+        let report = StreamReport { streams, more };
+        ctx.spawn(
+            async move {
+                let _ = bus.publish_json(reply, &report).await;
+            }
+            .into_actor(self),
+        );
     }
 }
 
@@ -512,6 +582,7 @@ impl StreamHandler<Incoming> for DetokenizerService {
         match item {
             Incoming::Event(msg) => self.on_event(&msg, ctx),
             Incoming::SchedulerBeat(msg) => self.on_scheduler_beat(&msg),
+            Incoming::Report(msg) => self.on_report(&msg, ctx),
         }
     }
 }

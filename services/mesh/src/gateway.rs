@@ -22,6 +22,7 @@ use serde_json::{json, Map, Value};
 
 use crate::bus::{new_id, Bus};
 use crate::chunk_streams::{self, ChunkStream};
+use crate::http_guard;
 use crate::openai_logprobs::{chat_logprobs, completion_logprobs};
 use crate::openai_request::{parse_object, to_generate, ApiError, Endpoint};
 
@@ -35,12 +36,21 @@ pub struct GatewayState {
     pub bus: Bus,
     /// Accepted API keys (none: no authentication).
     pub api_keys: Vec<String>,
+    /// Longest a request body may take to arrive.
+    pub body_timeout: Duration,
+    /// Most sequences (prompts × `n`) one request may ask for.
+    pub max_fanout: usize,
 }
 
 /// An OpenAI-style error response.
 pub fn error_response(status: u16, kind: &str, message: impl Into<String>, param: Option<&str>) -> HttpResponse {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    HttpResponse::build(status).json(json!({
+    let mut response = HttpResponse::build(status);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        // The waiting queue drains step by step: a retry a second later usually fits.
+        response.insert_header(("Retry-After", "1"));
+    }
+    response.json(json!({
         "error": {"message": message.into(), "type": kind, "param": param, "code": status.as_u16()}
     }))
 }
@@ -76,6 +86,21 @@ fn check_auth(state: &GatewayState, req: &HttpRequest) -> Result<(), ApiError> {
             message: "missing or invalid API key".into(),
             param: None,
         }),
+    }
+}
+
+/// Who a request counts as for round-robin admission: its API key (hashed, never the key
+/// itself), or the client's address when the gateway takes no keys.
+fn fairness_identity(state: &GatewayState, req: &HttpRequest) -> String {
+    use std::hash::{Hash, Hasher};
+    let key = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match key {
+        Some(key) if !state.api_keys.is_empty() => {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            key.trim().hash(&mut hasher);
+            format!("key-{:016x}", hasher.finish())
+        }
+        _ => format!("ip-{}", req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default()),
     }
 }
 
@@ -115,23 +140,39 @@ const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 const ENVELOPE_BYTES: usize = 1024;
 
 /// Reads a request body of at most what one NATS message can carry (the server's
-/// `max_payload`), with an OpenAI-style 413 above it.
-async fn read_body(state: &GatewayState, mut payload: web::Payload) -> Result<Bytes, HttpResponse> {
+/// `max_payload`), with an OpenAI-style 413 above it (before reading anything when the
+/// declared `Content-Length` is over it), and a 408 when it takes longer than the body timeout.
+async fn read_body(state: &GatewayState, req: &HttpRequest, mut payload: web::Payload) -> Result<Bytes, HttpResponse> {
     let max_payload = state.bus.client.server_info().max_payload;
     let limit = if max_payload == 0 { DEFAULT_BODY_LIMIT } else { max_payload.saturating_sub(ENVELOPE_BYTES) };
-    let mut body = web::BytesMut::new();
-    while let Some(piece) = payload.next().await {
-        let piece = piece.map_err(|e| error_response(400, "invalid_request_error", e.to_string(), None))?;
-        if body.len() + piece.len() > limit {
-            let message = format!(
-                "the request body is over {limit} bytes, the most one NATS message carries here \
-                 (raise the NATS server's max_payload for larger requests)"
-            );
-            return Err(error_response(413, "invalid_request_error", message, None));
-        }
-        body.extend_from_slice(&piece);
+    let too_large = || {
+        let message = format!(
+            "the request body is over {limit} bytes, the most one NATS message carries here \
+             (raise the NATS server's max_payload for larger requests)"
+        );
+        error_response(413, "invalid_request_error", message, None)
+    };
+    if http_guard::declared_length(req).is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
     }
-    Ok(body.freeze())
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(piece) = payload.next().await {
+            let piece = piece.map_err(|e| error_response(400, "invalid_request_error", e.to_string(), None))?;
+            if body.len() + piece.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&piece);
+        }
+        Ok(body.freeze())
+    };
+    match tokio::time::timeout(state.body_timeout, read).await {
+        Ok(result) => result,
+        Err(_) => {
+            let message = format!("the request body did not arrive within {} s", state.body_timeout.as_secs());
+            Err(error_response(408, "invalid_request_error", message, None))
+        }
+    }
 }
 
 /// Checks the API key, then reads the body as a JSON object.
@@ -141,7 +182,11 @@ async fn authorized_object(
     payload: web::Payload,
 ) -> Result<Map<String, Value>, HttpResponse> {
     check_auth(state, req).map_err(|e| api_error(&e))?;
-    let body = read_body(state, payload).await?;
+    if !http_guard::is_json(req) {
+        let message = "the request body must be JSON, sent with `Content-Type: application/json`";
+        return Err(error_response(415, "invalid_request_error", message, None));
+    }
+    let body = read_body(state, req, payload).await?;
     parse_object(&body).map_err(|e| api_error(&e))
 }
 
@@ -160,10 +205,25 @@ async fn generate(
         Endpoint::Chat => "chatcmpl",
     };
     let request_id = format!("{prefix}-{}", new_id());
-    let generation = match to_generate(endpoint, &body, &request_id) {
+    let mut generation = match to_generate(endpoint, &body, &request_id) {
         Ok(g) => g,
         Err(r) => return api_error(&r),
     };
+    // Waiting requests are taken round robin across API keys (or client addresses).
+    let user = fairness_identity(&state, &req);
+    for request in &mut generation.requests {
+        if let Some(object) = request.as_object_mut() {
+            object.insert("user".into(), json!(user));
+        }
+    }
+    if generation.num_choices() > state.max_fanout {
+        let message = format!(
+            "this request asks for {} sequences (prompts × n); at most {} are served per request",
+            generation.num_choices(),
+            state.max_fanout
+        );
+        return error_response(400, "invalid_request_error", message, Some("n"));
+    }
     let mut chunks =
         match chunk_streams::open(&state.bus, &request_id, &generation.requests, generation.samples_per_prompt).await {
             Ok(s) => s,
@@ -189,7 +249,18 @@ async fn generate(
     if generation.stream {
         stream_answer(answer, first, chunks)
     } else {
-        gather_answer(answer, first, chunks).await
+        // A client that goes away while the answer is gathered drops it (and so aborts it).
+        let peer = http_guard::PeerWatch::of(&req);
+        let gone = async {
+            match &peer {
+                Some(watch) => watch.closed().await,
+                None => futures::future::pending().await,
+            }
+        };
+        tokio::select! {
+            response = gather_answer(answer, first, chunks) => response,
+            () = gone => error_response(499, "invalid_request_error", "the client closed the connection", None),
+        }
     }
 }
 
@@ -366,6 +437,11 @@ struct HealthAnswer {
 }
 
 async fn ready(state: web::Data<GatewayState>) -> HttpResponse {
+    // The tokenizer answers `models`: without one, no request gets in.
+    if let Err(e) = state.bus.request_json::<_, Value>(state.bus.subjects.models(), &json!({}), CONTROL_TIMEOUT).await {
+        let message = format!("no tokenizer answers: {e}");
+        return HttpResponse::ServiceUnavailable().json(json!({"live": true, "ready": false, "error": message}));
+    }
     match state.bus.request_json::<_, Value>(state.bus.subjects.health(), &json!({}), CONTROL_TIMEOUT).await {
         Ok(answer) => {
             let is_ready = serde_json::from_value::<HealthAnswer>(answer.clone()).map(|h| h.ready).unwrap_or(false);
@@ -379,7 +455,10 @@ async fn ready(state: web::Data<GatewayState>) -> HttpResponse {
     }
 }
 
-async fn stats(state: web::Data<GatewayState>) -> HttpResponse {
+async fn stats(state: web::Data<GatewayState>, req: HttpRequest) -> HttpResponse {
+    if let Err(r) = check_auth(&state, &req) {
+        return api_error(&r);
+    }
     control(&state, state.bus.subjects.stats(), &json!({})).await
 }
 

@@ -136,6 +136,10 @@ pub struct SchedulerLimits {
     /// Most KV blocks an executor may declare in one pool; registrations above it are refused.
     #[arg(long, default_value_t = 1 << 22, value_parser = clap::value_parser!(u32).range(1..i64::from(u32::MAX)))]
     max_executor_blocks: u32,
+    /// Most requests waiting in one executor's own queue; the others wait their turn at the
+    /// scheduler, round robin across clients (API keys, NATS client accounts).
+    #[arg(long, default_value_t = 32)]
+    admission_window: usize,
 }
 
 /// Flags of `pagemesh tokenizer`.
@@ -197,6 +201,16 @@ pub struct HttpArgs {
     /// Accepted API key (repeatable; none: no authentication).
     #[arg(long = "api-key", env = "PAGEMESH_API_KEY", value_delimiter = ',')]
     api_keys: Vec<String>,
+    /// Seconds a request body may take to arrive (slower ones get a 408).
+    #[arg(long, default_value_t = 15)]
+    http_body_timeout_s: u64,
+    /// Most HTTP connections held at once (default: what the open-file limit allows, with
+    /// room for the rest); more wait in the listen backlog.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most sequences (prompts × `n`) one HTTP request may ask for.
+    #[arg(long, default_value_t = 256)]
+    max_fanout: usize,
 }
 
 /// Flags of `pagemesh serve`.
@@ -279,6 +293,7 @@ fn scheduler_config(engine: &EngineArgs, limits: &SchedulerLimits, model: &str) 
         unplaced_timeout: Duration::from_secs(limits.unplaced_timeout_s),
         limits: ModelLimits { vocab_size: config.vocab_size, max_model_len: engine_config.max_model_len },
         max_executor_blocks: limits.max_executor_blocks as usize,
+        admission_window: limits.admission_window.max(1),
     })
 }
 
@@ -303,10 +318,28 @@ fn tokenizer_service(
 }
 
 async fn run_gateway(bus: Bus, http: &HttpArgs) -> Result<(), String> {
-    let state = web::Data::new(GatewayState { bus, api_keys: http.api_keys.clone() });
+    let state = web::Data::new(GatewayState {
+        bus,
+        api_keys: http.api_keys.clone(),
+        body_timeout: Duration::from_secs(http.http_body_timeout_s.max(1)),
+        max_fanout: http.max_fanout.max(1),
+    });
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let fd_limit = crate::http_guard::raise_fd_limit();
+    let per_worker = match http.max_connections {
+        Some(total) => total.div_ceil(workers).max(1),
+        None => crate::http_guard::connections_per_worker(fd_limit, workers),
+    };
     let server = HttpServer::new(move || {
         App::new().app_data(state.clone()).wrap(actix_web::middleware::from_fn(count_requests)).configure(configure)
     })
+    .workers(workers)
+    .max_connections(per_worker)
+    .backlog(4096)
+    .client_request_timeout(Duration::from_secs(5))
+    .client_disconnect_timeout(Duration::from_secs(2))
+    .keep_alive(Duration::from_secs(15))
+    .on_connect(crate::http_guard::record_socket)
     .bind((http.host.as_str(), http.port))
     .map_err(|e| format!("cannot listen on {}:{}: {e}", http.host, http.port))?;
     eprintln!("gateway listening on http://{}:{}", http.host, http.port);

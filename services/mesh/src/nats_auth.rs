@@ -92,6 +92,7 @@ impl Role {
                 let mut publish = vec![
                     format!("{p}.v1.executor.*.step"),
                     format!("{p}.v1.detokenizer.*.events"),
+                    format!("{p}.v1.detokenizer.*.report"),
                     s.scheduler_heartbeat(),
                 ];
                 publish.extend(replies);
@@ -113,7 +114,12 @@ impl Role {
             Role::Detokenizer => {
                 let mut publish = vec![s.detokenizer_heartbeat(), s.detokenizer_ack(), s.scheduler_abort()];
                 publish.extend(replies);
-                (publish, vec![format!("{p}.v1.detokenizer.*.events"), s.scheduler_heartbeat()], false)
+                let subscribe = vec![
+                    format!("{p}.v1.detokenizer.*.events"),
+                    format!("{p}.v1.detokenizer.*.report"),
+                    s.scheduler_heartbeat(),
+                ];
+                (publish, subscribe, true)
             }
         };
         Permissions { publish, subscribe, allow_responses }
@@ -208,7 +214,8 @@ impl AuthLayout {
             );
             let imports: Vec<String> = client_subjects(s)
                 .iter()
-                .map(|subject| format!("{{ service: {{ account: PAGEMESH, subject: \"{subject}\" }} }}"))
+                // `share`: NATS tells the services which account sent each request.
+                .map(|subject| format!("{{ service: {{ account: PAGEMESH, subject: \"{subject}\" }}, share: true }}"))
                 .collect();
             let _ = writeln!(out, "    imports = [ {} ]", imports.join(", "));
             let _ = writeln!(out, "  }}");

@@ -9,7 +9,7 @@
 //! An abort that arrives before its request is remembered ([`EarlyAborts`]), so that a request
 //! whose client is already gone never runs.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -17,8 +17,9 @@ use futures::StreamExt;
 use pagemesh_scheduler::{AdmissionError, NewRequest, RequestEvent, Scheduler};
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::protocol::{
-    AbortRequest, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, ExecutorRegistration, Heartbeat,
-    OpenRequest, ResumePoint, SchedulerHeartbeat, StepReply, StepRequest, SubmitAck, SubmitRequest, TokenEvent,
+    AbortRequest, DetokenizerAck, DetokenizerEvent, DetokenizerMessage, ErrorKind, ErrorReply, ExecutorRegistration,
+    Heartbeat, OpenRequest, ResumePoint, SchedulerHeartbeat, StepReply, StepRequest, StreamReport, StreamReportRequest,
+    StreamState, SubmitAck, SubmitRequest, TokenEvent,
 };
 use pagemesh_shared::SampledToken;
 use pagemesh_shared::{EngineConfig, FinishReason};
@@ -26,6 +27,8 @@ use serde_json::json;
 
 use crate::bus::{decode, Bus, BusError, OrderedPublisher};
 use crate::early_aborts::EarlyAborts;
+use crate::fair_queue::FairQueue;
+use crate::leadership::{Decision, Leadership, Rank};
 use crate::refusals::refuse;
 use crate::scheduler_metrics::{ExecutorMetrics, ModelMetrics, RequestTiming};
 
@@ -49,6 +52,9 @@ pub struct SchedulerConfig {
     pub limits: ModelLimits,
     /// Most blocks an executor may declare in one pool (larger registrations are refused).
     pub max_executor_blocks: usize,
+    /// Most requests waiting in one executor's own queue; the rest wait their turn here,
+    /// round robin across clients.
+    pub admission_window: usize,
 }
 
 struct ExecutorSlot {
@@ -91,7 +97,47 @@ impl RequestState {
             logprobs: self.submit.params.logprobs.is_some(),
             text: self.submit.text,
             resume,
+            params: self.submit.params.clone(),
+            seed: self.submit.seed,
+            owner: self.submit.owner.clone(),
         }
+    }
+
+    /// A request as a detokenizer reported it to a scheduler taking over.
+    fn from_stream(stream: StreamState, detokenizer: &str) -> Self {
+        let open = stream.open;
+        let submit = SubmitRequest {
+            request_id: open.request_id,
+            reply_to: open.reply_to,
+            prompt_token_ids: open.prompt_token_ids,
+            params: open.params,
+            seed: open.seed,
+            stop: open.stop,
+            stream: open.stream,
+            text: open.text,
+            owner: open.owner,
+            user: None,
+        };
+        Self {
+            submit,
+            executor: None,
+            core_id: 0,
+            detokenizer: detokenizer.to_string(),
+            generated: stream.generated,
+            finished: stream.finished,
+            acked: stream.ack,
+            timing: RequestTiming::arrived(),
+        }
+    }
+
+    /// Whether a reported stream is consistent with itself (one entry per sample everywhere).
+    fn is_consistent(&self) -> bool {
+        let n = self.submit.params.n;
+        self.generated.len() == n
+            && self.finished.len() == n
+            && self.acked.consumed.len() == n
+            && self.acked.closed.len() == n
+            && self.acked.request_id == self.submit.request_id
     }
 }
 
@@ -111,7 +157,9 @@ pub struct SchedulerService {
     requests: HashMap<String, RequestState>,
     by_core: HashMap<u64, String>,
     next_core_id: u64,
-    unplaced: VecDeque<(String, Instant)>,
+    /// Requests accepted but not on an executor yet (waiting for one, or for their turn),
+    /// taken round robin across clients.
+    unplaced: FairQueue<(String, Instant)>,
     next_detokenizer: usize,
     /// Executors recently dropped: heartbeats still in flight from them are ignored.
     lost: HashMap<String, Instant>,
@@ -121,6 +169,10 @@ pub struct SchedulerService {
     early_aborts: EarlyAborts,
     /// Submits answered lately (id and reply subject): one sent again is acknowledged only.
     recent_submits: EarlyAborts,
+    /// Whether this scheduler serves or stands by.
+    leadership: Leadership,
+    /// When it started (milliseconds since the Unix epoch).
+    started_ms: u64,
     metrics: ModelMetrics,
 }
 
@@ -133,6 +185,49 @@ enum Incoming {
     DetokenizerAck(async_nats::Message),
     Stats(async_nats::Message),
     Health(async_nats::Message),
+    SchedulerBeat(async_nats::Message),
+}
+
+/// The streams a detokenizer reported to this scheduler taking over.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StreamsReported {
+    detokenizer: String,
+    streams: Result<Vec<StreamState>, BusError>,
+}
+
+/// Who sent an abort: `None` for a service (the internal subject), else the client's account.
+fn abort_authority(msg: &async_nats::Message) -> Option<Option<String>> {
+    let public = !msg.subject.as_str().contains(".v1.");
+    public.then(|| crate::bus::requester_account(msg))
+}
+
+/// How an abort for a request that has not arrived yet is remembered: with the account it
+/// came from, so that it ends only that account's request.
+fn abort_key(owner: Option<&str>, request_id: &str) -> String {
+    format!("{}\n{request_id}", owner.unwrap_or_default())
+}
+
+/// Most pages of streams one detokenizer may report.
+const MAX_REPORT_PAGES: usize = 4096;
+/// Longest wait for one page of a stream report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks a detokenizer for every stream it holds, page by page.
+async fn collect_streams(bus: &Bus, detokenizer: &str, term: u64) -> Result<Vec<StreamState>, BusError> {
+    let subject = bus.subjects.detokenizer_report(detokenizer);
+    let mut streams: Vec<StreamState> = Vec::new();
+    for _ in 0..MAX_REPORT_PAGES {
+        let after = streams.last().map(|s| s.open.request_id.clone());
+        let page: StreamReport =
+            bus.request_json(subject.clone(), &StreamReportRequest { term, after }, REPORT_TIMEOUT).await?;
+        let progressed = !page.streams.is_empty();
+        streams.extend(page.streams);
+        if !page.more || !progressed {
+            break;
+        }
+    }
+    Ok(streams)
 }
 
 /// A step's answer (or failure), back from the executor.
@@ -146,6 +241,10 @@ struct StepDone {
 impl SchedulerService {
     /// A scheduler service.
     pub fn new(bus: Bus, config: SchedulerConfig) -> Self {
+        let id = crate::bus::new_id();
+        let heartbeat_timeout = config.heartbeat_timeout;
+        let started_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         Self {
             metrics: ModelMetrics::new(&config.model),
             bus,
@@ -156,13 +255,15 @@ impl SchedulerService {
             requests: HashMap::new(),
             by_core: HashMap::new(),
             next_core_id: 0,
-            unplaced: VecDeque::new(),
+            unplaced: FairQueue::default(),
             next_detokenizer: 0,
             lost: HashMap::new(),
             migrated: 0,
             early_aborts: EarlyAborts::default(),
             recent_submits: EarlyAborts::default(),
-            id: crate::bus::new_id(),
+            leadership: Leadership::new(Rank { started_ms, id: id.clone() }, heartbeat_timeout, Instant::now()),
+            started_ms,
+            id,
         }
     }
 
@@ -170,6 +271,12 @@ impl SchedulerService {
     fn publish<T: serde::Serialize + 'static>(&mut self, _ctx: &mut Context<Self>, subject: String, value: T) {
         let bus = &self.bus;
         self.outbox.get_or_insert_with(|| OrderedPublisher::start(bus)).publish_json(subject, &value);
+    }
+
+    /// Sends an event to a detokenizer, under this scheduler's term.
+    fn send_event(&mut self, ctx: &mut Context<Self>, detokenizer: &str, event: DetokenizerEvent) {
+        let subject = self.bus.subjects.detokenizer_events(detokenizer);
+        self.publish(ctx, subject, DetokenizerMessage { term: self.leadership.term(), event });
     }
 
     fn reply_error(
@@ -221,7 +328,7 @@ impl SchedulerService {
             self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::InvalidRequest, message);
             return;
         }
-        if self.early_aborts.take(&submit.request_id, Instant::now()) {
+        if self.early_aborts.take(&abort_key(submit.owner.as_deref(), &submit.request_id), Instant::now()) {
             // Its client gave up while it was on its way: it ends before it takes any block.
             self.metrics.aborted();
             let message = format!("request `{}` was aborted before it started", submit.request_id);
@@ -229,21 +336,51 @@ impl SchedulerService {
             self.publish(ctx, submit.reply_to, error);
             return;
         }
-        if self.executors.is_empty() || self.detokenizers.is_empty() {
-            if self.unplaced.len() >= self.config.engine.max_waiting_requests {
-                let message = "the server is overloaded: too many requests are waiting for an executor".to_string();
-                self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::Overloaded, message);
-                return;
-            }
-            let id = submit.request_id.clone();
-            self.requests.insert(id.clone(), self.new_state(submit));
-            self.unplaced.push_back((id, Instant::now()));
+        if self.unplaced.len() >= self.config.engine.max_waiting_requests {
+            let message = "the server is overloaded: too many requests are waiting".to_string();
+            self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::Overloaded, message);
             return;
         }
         let id = submit.request_id.clone();
-        let state = self.new_state(submit);
+        let mut state = self.new_state(submit);
+        // Its stream opens now, so that a scheduler taking over learns of it.
+        if let Some(detokenizer) = self.pick_detokenizer() {
+            state.detokenizer = detokenizer.clone();
+            let open = state.open_request(None);
+            self.send_event(ctx, &detokenizer, DetokenizerEvent::Open(Box::new(open)));
+        }
         self.requests.insert(id.clone(), state);
-        self.place(&id, ctx);
+        self.queue(&id);
+        self.admit(ctx);
+    }
+
+    /// Queues a request for its turn.
+    fn queue(&mut self, request_id: &str) {
+        let key = self.requests.get(request_id).map(|s| s.submit.fairness_key().to_string()).unwrap_or_default();
+        self.unplaced.push(&key, (request_id.to_string(), Instant::now()));
+    }
+
+    /// Most requests an executor's own waiting queue holds before more wait their turn here:
+    /// small enough that the order across clients is decided here, never above half the
+    /// waiting bound (so that the executor's queue never refuses an admitted request).
+    fn admission_window(&self) -> usize {
+        self.config.admission_window.min(self.config.engine.max_waiting_requests / 2).max(1)
+    }
+
+    fn has_room(&self, slot: &ExecutorSlot) -> bool {
+        slot.core.num_waiting() < self.admission_window()
+    }
+
+    /// Moves queued requests onto executors, round robin across clients, while an executor
+    /// has room.
+    fn admit(&mut self, ctx: &mut Context<Self>) {
+        if self.executors.is_empty() || self.detokenizers.is_empty() {
+            return;
+        }
+        while !self.unplaced.is_empty() && self.executors.values().any(|slot| self.has_room(slot)) {
+            let Some((id, _)) = self.unplaced.pop() else { break };
+            self.place(&id, ctx);
+        }
     }
 
     fn new_state(&self, submit: SubmitRequest) -> RequestState {
@@ -273,13 +410,15 @@ impl SchedulerService {
         let Some(state) = self.requests.get(request_id) else { return };
         if state.detokenizer.is_empty() && self.detokenizers.is_empty() {
             // Nowhere to stream yet: wait like a request with no executor.
-            self.unplaced.push_back((request_id.to_string(), Instant::now()));
+            self.queue(request_id);
             return;
         }
         let prompt = &state.submit.prompt_token_ids;
+        let any_room = self.executors.values().any(|slot| self.has_room(slot));
         let Some(target) = self
             .executors
             .iter()
+            .filter(|(_, slot)| !any_room || self.has_room(slot))
             .max_by_key(|(_, slot)| {
                 (slot.core.block_manager().cached_prefix_blocks(prompt), slot.core.block_usage().device_free)
             })
@@ -314,6 +453,9 @@ impl SchedulerService {
             let (reply, id) = (submit.reply_to.clone(), submit.request_id.clone());
             if resumed {
                 self.fail(ctx, &id, &format!("the request could not move to another executor: {e}"));
+            } else if !state.detokenizer.is_empty() {
+                // Its stream is open (it waited its turn): the detokenizer ends it.
+                self.fail_with(ctx, &id, kind, &e.to_string());
             } else {
                 self.requests.remove(&id);
                 self.reply_error(ctx, &reply, &id, kind, e.to_string());
@@ -335,8 +477,7 @@ impl SchedulerService {
         if needs_detokenizer {
             state.detokenizer = detokenizer.clone();
             let open = state.open_request(None);
-            let subject = self.bus.subjects.detokenizer_events(&detokenizer);
-            self.publish(ctx, subject, DetokenizerEvent::Open(open));
+            self.send_event(ctx, &detokenizer, DetokenizerEvent::Open(Box::new(open)));
         }
         self.drive(&target, ctx);
     }
@@ -351,6 +492,11 @@ impl SchedulerService {
 
     /// Ends a request with an error on its stream (or its inbox if no stream is open).
     fn fail(&mut self, ctx: &mut Context<Self>, request_id: &str, message: &str) {
+        self.fail_with(ctx, request_id, ErrorKind::Unavailable, message);
+    }
+
+    /// [`fail`](Self::fail) with the kind of error a client that has no chunk yet is told.
+    fn fail_with(&mut self, ctx: &mut Context<Self>, request_id: &str, kind: ErrorKind, message: &str) {
         let Some(state) = self.requests.remove(request_id) else { return };
         self.by_core.remove(&state.core_id);
         if let Some(executor) = &state.executor {
@@ -359,15 +505,16 @@ impl SchedulerService {
             }
         }
         if state.detokenizer.is_empty() {
-            self.reply_error(ctx, &state.submit.reply_to, request_id, ErrorKind::Unavailable, message.to_string());
+            self.reply_error(ctx, &state.submit.reply_to, request_id, kind, message.to_string());
         } else {
+            self.metrics.error(kind);
             let event = DetokenizerEvent::Finish {
                 request_id: request_id.to_string(),
                 reason: FinishReason::Error,
                 message: Some(message.to_string()),
+                kind: Some(kind),
             };
-            let subject = self.bus.subjects.detokenizer_events(&state.detokenizer);
-            self.publish(ctx, subject, event);
+            self.send_event(ctx, &state.detokenizer, event);
         }
     }
 
@@ -431,7 +578,7 @@ impl SchedulerService {
             if tokens.iter().any(|t| t.token.is_some()) {
                 state.timing.tokens(&self.metrics, now);
             }
-            let subject = self.bus.subjects.detokenizer_events(&state.detokenizer);
+            let detokenizer = state.detokenizer.clone();
             if state.all_finished() {
                 state.timing.finished(&self.metrics);
                 // Done on the executor; the state stays until the detokenizer's last chunk is
@@ -443,7 +590,7 @@ impl SchedulerService {
                 }
                 self.release_if_done(&request_id);
             }
-            self.publish(ctx, subject, DetokenizerEvent::Tokens { request_id, tokens });
+            self.send_event(ctx, &detokenizer, DetokenizerEvent::Tokens { request_id, tokens });
         }
     }
 
@@ -456,6 +603,8 @@ impl SchedulerService {
                 slot.metrics.step_done(&slot.core);
                 slot.metrics.generated(output.results.iter().map(|r| r.samples.len()).sum());
                 self.route(events, ctx);
+                // Room may have opened: the next step takes whoever's turn it is.
+                self.admit(ctx);
                 self.drive(&done.executor, ctx);
             }
             Ok(StepReply::Failed(message)) => {
@@ -519,18 +668,28 @@ impl SchedulerService {
                 state.executor = None;
             }
             if self.executors.is_empty() {
-                self.unplaced.push_back((id, Instant::now()));
+                self.queue(&id);
             } else {
                 self.place(&id, ctx);
             }
         }
     }
 
-    fn on_abort(&mut self, request_id: &str, ctx: &mut Context<Self>) {
+    /// An abort from a service (`None`: allowed for any request) or from the account of a
+    /// client (`Some(account)`: only for requests that account sent; `Some(None)` on a bus
+    /// without accounts).
+    fn on_abort(&mut self, request_id: &str, from: Option<Option<String>>, ctx: &mut Context<Self>) {
         let Some(state) = self.requests.get(request_id) else {
-            self.early_aborts.remember(request_id, Instant::now());
+            let owner = from.flatten();
+            self.early_aborts.remember(&abort_key(owner.as_deref(), request_id), Instant::now());
             return;
         };
+        if let Some(account) = &from {
+            if *account != state.submit.owner {
+                refuse("scheduler", "abort", &format!("an abort of {request_id} from another client"));
+                return;
+            }
+        }
         match state.executor.clone() {
             Some(executor) => {
                 let core_id = state.core_id;
@@ -615,11 +774,10 @@ impl SchedulerService {
                     tokens.push(TokenEvent { sample_index: i as u32, token: None, finish: state.finished[i] });
                 }
             }
-            let subject = self.bus.subjects.detokenizer_events(&target);
             eprintln!("scheduler: stream of {id} moves to detokenizer {target}");
-            self.publish(ctx, subject.clone(), DetokenizerEvent::Open(open));
+            self.send_event(ctx, &target, DetokenizerEvent::Open(Box::new(open)));
             if !tokens.is_empty() {
-                self.publish(ctx, subject, DetokenizerEvent::Tokens { request_id: id, tokens });
+                self.send_event(ctx, &target, DetokenizerEvent::Tokens { request_id: id, tokens });
             }
         }
     }
@@ -654,7 +812,7 @@ impl SchedulerService {
             registration.block_size
         );
         self.add_executor(registration, now);
-        self.place_unplaced(ctx);
+        self.admit(ctx);
     }
 
     /// Adds an executor with a fresh core (its configuration was validated).
@@ -674,16 +832,7 @@ impl SchedulerService {
         let new = self.detokenizers.insert(beat.id.clone(), Instant::now()).is_none();
         if new {
             eprintln!("scheduler: detokenizer {} registered", beat.id);
-            self.place_unplaced(ctx);
-        }
-    }
-
-    fn place_unplaced(&mut self, ctx: &mut Context<Self>) {
-        if self.executors.is_empty() || self.detokenizers.is_empty() {
-            return;
-        }
-        while let Some((id, _)) = self.unplaced.pop_front() {
-            self.place(&id, ctx);
+            self.admit(ctx);
         }
     }
 
@@ -692,6 +841,13 @@ impl SchedulerService {
         let timeout = self.config.heartbeat_timeout;
         // Silence while this scheduler's own link to NATS was down does not count.
         let link = self.bus.link();
+        if let Decision::Activate(term) = self.leadership.tick(&link, now) {
+            self.take_over(term, ctx);
+        }
+        if !self.leadership.is_active() {
+            self.detokenizers.retain(|_, seen| !link.is_silent(*seen, now, timeout));
+            return;
+        }
         let lost: Vec<String> = self
             .executors
             .iter()
@@ -714,25 +870,103 @@ impl SchedulerService {
             self.detokenizers.remove(&id);
             self.lose_detokenizer(&id, ctx);
         }
-        let expired: Vec<String> = self
-            .unplaced
-            .iter()
-            .filter(|(_, since)| now - *since > self.config.unplaced_timeout)
-            .map(|(id, _)| id.clone())
-            .collect();
-        self.unplaced.retain(|(_, since)| now - *since <= self.config.unplaced_timeout);
-        for id in expired {
-            self.fail(ctx, &id, "no executor is available to serve this request");
+        // Requests wait for their turn as long as it takes, but for an executor (or a
+        // detokenizer) to exist only up to the unplaced timeout.
+        if self.executors.is_empty() || self.detokenizers.is_empty() {
+            let limit = self.config.unplaced_timeout;
+            let expired: Vec<String> =
+                self.unplaced.iter().filter(|(_, since)| now - *since > limit).map(|(id, _)| id.clone()).collect();
+            self.unplaced.retain(|(_, since)| now - *since <= limit);
+            for id in expired {
+                self.fail(ctx, &id, "no executor is available to serve this request");
+            }
         }
+        self.admit(ctx);
         for slot in self.executors.values_mut() {
             slot.metrics.sync(&slot.core);
         }
         self.metrics.population(self.executors.len(), self.detokenizers.len(), self.unplaced.len());
     }
 
+    /// Starts serving under `term`: asks every known detokenizer for the streams it holds and
+    /// runs their requests on from there (re-prefilled from prompt + tokens so far, like a
+    /// request moved off a lost executor). Executors register on their next heartbeat.
+    fn take_over(&mut self, term: u64, ctx: &mut Context<Self>) {
+        eprintln!("scheduler {}: serving (term {term})", self.id);
+        self.announce(ctx);
+        for detokenizer in self.detokenizers.keys().cloned().collect::<Vec<_>>() {
+            let bus = self.bus.clone();
+            ctx.spawn(
+                async move {
+                    let streams = collect_streams(&bus, &detokenizer, term).await;
+                    StreamsReported { detokenizer, streams }
+                }
+                .into_actor(self)
+                .map(|reported, _, ctx| ctx.notify(reported)),
+            );
+        }
+    }
+
+    /// Adopts the streams a detokenizer reported after a takeover.
+    fn on_streams_reported(&mut self, reported: StreamsReported, ctx: &mut Context<Self>) {
+        let streams = match reported.streams {
+            Ok(streams) => streams,
+            Err(e) => {
+                eprintln!("scheduler: detokenizer {} did not report its streams: {e}", reported.detokenizer);
+                return;
+            }
+        };
+        let mut adopted = 0;
+        for stream in streams {
+            let state = RequestState::from_stream(stream, &reported.detokenizer);
+            let id = state.submit.request_id.clone();
+            let valid = self.config.limits.check_submit(&state.submit).is_ok() && state.is_consistent();
+            if !valid {
+                refuse("scheduler", "stream_report", &format!("an inconsistent stream {id} was reported"));
+                continue;
+            }
+            if self.requests.contains_key(&id) || state.acked.closed.iter().all(|c| *c) {
+                continue;
+            }
+            let unfinished = !state.all_finished();
+            self.requests.insert(id.clone(), state);
+            adopted += 1;
+            if unfinished && self.early_aborts.take(&id, Instant::now()) {
+                // Aborted while no scheduler served.
+                self.fail(ctx, &id, "aborted");
+            } else if unfinished {
+                self.queue(&id);
+            }
+        }
+        self.migrated += adopted;
+        eprintln!("scheduler: adopted {adopted} streams from detokenizer {}", reported.detokenizer);
+        self.admit(ctx);
+    }
+
+    /// Another scheduler serves now: forget every request (it owns them) and stand by.
+    fn step_down(&mut self) {
+        eprintln!("scheduler {}: another scheduler serves; standing by", self.id);
+        self.requests.clear();
+        self.by_core.clear();
+        self.unplaced = FairQueue::default();
+        self.executors.clear();
+    }
+
+    fn on_scheduler_beat(&mut self, beat: SchedulerHeartbeat) {
+        let rank = Rank { started_ms: beat.started_ms, id: beat.id };
+        if self.leadership.observe(&rank, beat.active, beat.term, Instant::now()) == Decision::StepDown {
+            self.step_down();
+        }
+    }
+
     /// Publishes this scheduler's heartbeat.
     fn announce(&mut self, ctx: &mut Context<Self>) {
-        let beat = SchedulerHeartbeat { id: self.id.clone(), active: true };
+        let beat = SchedulerHeartbeat {
+            id: self.id.clone(),
+            active: self.leadership.is_active(),
+            term: self.leadership.term(),
+            started_ms: self.started_ms,
+        };
         let subject = self.bus.subjects.scheduler_heartbeat();
         self.publish(ctx, subject, beat);
     }
@@ -749,7 +983,8 @@ impl SchedulerService {
                        "swapped": slot.core.num_swapped(), "stats": slot.core.stats()})
             })
             .collect();
-        json!({"model": self.config.model, "executors": executors, "detokenizers": self.detokenizers.len(),
+        json!({"model": self.config.model, "scheduler": self.id, "term": self.leadership.term(),
+               "executors": executors, "detokenizers": self.detokenizers.len(),
                "requests": self.requests.len(), "unplaced": self.unplaced.len(), "migrated_requests": self.migrated})
     }
 }
@@ -771,6 +1006,7 @@ impl Actor for SchedulerService {
                     client.subscribe(s.detokenizer_ack()).await?.map(Incoming::DetokenizerAck).boxed(),
                     client.subscribe(s.stats()).await?.map(Incoming::Stats).boxed(),
                     client.subscribe(s.health()).await?.map(Incoming::Health).boxed(),
+                    client.subscribe(s.scheduler_heartbeat()).await?.map(Incoming::SchedulerBeat).boxed(),
                 ];
                 Ok::<_, async_nats::SubscribeError>(futures::stream::select_all(subs))
             }
@@ -789,8 +1025,63 @@ impl Actor for SchedulerService {
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
         crate::refusals::register(
             "scheduler",
-            &["submit", "abort", "executor_heartbeat", "detokenizer_heartbeat", "detokenizer_ack"],
+            &[
+                "submit",
+                "abort",
+                "executor_heartbeat",
+                "detokenizer_heartbeat",
+                "detokenizer_ack",
+                "scheduler_heartbeat",
+                "stream_report",
+            ],
         );
+    }
+}
+
+impl SchedulerService {
+    /// What a standby does with a message: it watches the other schedulers and the
+    /// detokenizers, and remembers aborts (a request it adopts later may have been aborted
+    /// meanwhile); it answers nothing.
+    fn stand_by(&mut self, item: Incoming) {
+        match item {
+            Incoming::SchedulerBeat(msg) => self.on_scheduler_beat_message(&msg),
+            Incoming::DetokenizerBeat(msg) => {
+                if let Ok(beat) = decode::<Heartbeat>(msg.subject.as_str(), &msg.payload) {
+                    if limits::check_instance_id(&beat.id).is_ok() {
+                        self.detokenizers.insert(beat.id, Instant::now());
+                    }
+                }
+            }
+            Incoming::Abort(msg) | Incoming::PublicAbort(msg) => {
+                if let Ok(abort) = decode::<AbortRequest>(msg.subject.as_str(), &msg.payload) {
+                    if limits::check_request_id(&abort.request_id).is_ok() {
+                        let owner = abort_authority(&msg).flatten();
+                        self.early_aborts.remember(&abort_key(owner.as_deref(), &abort.request_id), Instant::now());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_scheduler_beat_message(&mut self, msg: &async_nats::Message) {
+        let beat = decode::<SchedulerHeartbeat>(msg.subject.as_str(), &msg.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|beat| limits::check_instance_id(&beat.id).map(|()| beat));
+        match beat {
+            Ok(beat) => self.on_scheduler_beat(beat),
+            Err(e) => refuse("scheduler", "scheduler_heartbeat", &e),
+        }
+    }
+}
+
+impl Handler<StreamsReported> for SchedulerService {
+    type Result = ();
+
+    fn handle(&mut self, msg: StreamsReported, ctx: &mut Self::Context) {
+        if self.leadership.is_active() {
+            self.on_streams_reported(msg, ctx);
+        }
     }
 }
 
@@ -804,6 +1095,10 @@ impl Handler<StepDone> for SchedulerService {
 
 impl StreamHandler<Incoming> for SchedulerService {
     fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
+        if !self.leadership.is_active() {
+            self.stand_by(item);
+            return;
+        }
         match item {
             Incoming::Submit(msg) => match decode::<SubmitRequest>(msg.subject.as_str(), &msg.payload) {
                 Ok(submit) => self.on_submit_message(submit, msg.reply.map(|r| r.to_string()), ctx),
@@ -814,7 +1109,7 @@ impl StreamHandler<Incoming> for SchedulerService {
                     .map_err(|e| e.to_string())
                     .and_then(|abort| limits::check_request_id(&abort.request_id).map(|()| abort));
                 match abort {
-                    Ok(abort) => self.on_abort(&abort.request_id, ctx),
+                    Ok(abort) => self.on_abort(&abort.request_id, abort_authority(&msg), ctx),
                     Err(e) => {
                         refuse("scheduler", "abort", &e);
                         let reply = msg.reply.filter(|r| limits::check_reply_subject(r).is_ok());
@@ -853,11 +1148,12 @@ impl StreamHandler<Incoming> for SchedulerService {
                     self.publish(ctx, reply.to_string(), stats);
                 }
             }
+            Incoming::SchedulerBeat(msg) => self.on_scheduler_beat_message(&msg),
             Incoming::Health(msg) => {
                 if let Some(reply) = msg.reply {
                     let ready = !self.executors.is_empty() && !self.detokenizers.is_empty();
                     let health = json!({"live": true, "ready": ready, "executors": self.executors.len(),
-                                        "detokenizers": self.detokenizers.len()});
+                                        "detokenizers": self.detokenizers.len(), "scheduler": self.id});
                     self.publish(ctx, reply.to_string(), health);
                 }
             }

@@ -181,6 +181,8 @@ impl TokenizerService {
             params,
             seed,
             stop,
+            owner: None,
+            user: request.user.clone(),
             stream: request.stream.unwrap_or(true),
             text: TextOptions {
                 skip_special_tokens: request.skip_special_tokens.unwrap_or(true),
@@ -315,7 +317,9 @@ impl StreamHandler<Incoming> for TokenizerService {
                     return;
                 }
                 let started = Instant::now();
-                let prepared = self.prepare(&msg.payload, &reply);
+                let prepared = self
+                    .prepare(&msg.payload, &reply)
+                    .map(|submit| SubmitRequest { owner: crate::bus::requester_account(&msg), ..submit });
                 self.observe("generate", started);
                 if let Err((_, rejection)) = &prepared {
                     request_error(&self.model.name, rejection.kind);

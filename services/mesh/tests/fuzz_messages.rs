@@ -13,8 +13,8 @@ use pagemesh_executor::executor::{validate_plan, PlanLimits};
 use pagemesh_scheduler::{NewRequest, Scheduler};
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::protocol::{
-    AbortRequest, DetokenizerAck, DetokenizerEvent, ExecutorRegistration, GenerateRequest, Heartbeat,
-    SchedulerHeartbeat, StepReply, StepRequest, SubmitAck, SubmitRequest,
+    AbortRequest, DetokenizerAck, DetokenizerMessage, ExecutorRegistration, GenerateRequest, Heartbeat,
+    SchedulerHeartbeat, StepReply, StepRequest, StreamReportRequest, SubmitAck, SubmitRequest,
 };
 use pagemesh_shared::{EngineConfig, StepOutput};
 use rand::rngs::StdRng;
@@ -43,21 +43,23 @@ fn templates() -> Vec<(&'static str, Value)> {
         ),
         ("abort", json!({"request_id": "r1"})),
         ("heartbeat", json!({"id": "d1"})),
-        ("scheduler_heartbeat", json!({"id": "s1", "active": true})),
+        ("scheduler_heartbeat", json!({"id": "s1", "active": true, "term": 4, "started_ms": 17})),
         ("ack", json!({"request_id": "r1", "next_index": 3, "consumed": [2, 1], "closed": [false, true]})),
         ("submit_ack", json!({"request_id": "r1"})),
         (
             "event",
-            json!({"Open": {"request_id": "r1", "reply_to": "_INBOX.a", "prompt_token_ids": [1, 2], "n": 2,
-                                  "stop": ["s"], "stream": true, "logprobs": false,
-                                  "resume": {"next_index": 1, "consumed": [[4], []], "closed": [false, false]}}}),
+            json!({"term": 1, "event": {"Open": {"request_id": "r1", "reply_to": "_INBOX.a",
+            "prompt_token_ids": [1, 2], "n": 2, "stop": ["s"], "stream": true, "logprobs": false,
+            "resume": {"next_index": 1, "consumed": [[4], []], "closed": [false, false]},
+            "params": params, "seed": 4}}}),
         ),
         (
             "event",
-            json!({"Tokens": {"request_id": "r1", "tokens": [{"sample_index": 1, "token":
-            {"token": 4, "logprob": -0.5, "top_logprobs": [[4, -0.5]]}, "finish": "length"}]}}),
+            json!({"term": 2, "event": {"Tokens": {"request_id": "r1", "tokens": [{"sample_index": 1,
+            "token": {"token": 4, "logprob": -0.5, "top_logprobs": [[4, -0.5]]}, "finish": "length"}]}}}),
         ),
-        ("event", json!({"Finish": {"request_id": "r1", "reason": "error", "message": "m"}})),
+        ("event", json!({"term": 2, "event": {"Finish": {"request_id": "r1", "reason": "error", "message": "m"}}})),
+        ("report_request", json!({"term": 3, "after": "r0"})),
         (
             "step",
             json!({"plan": {"step_id": 1, "swap_out": [[1, 0]], "swap_in": [[0, 2]], "copy": [[3, 4]],
@@ -277,10 +279,11 @@ fn receive(kind: &str, bytes: &[u8]) -> Depth {
             Ok(ack) => depth(true, limits::check_ack(&ack).is_ok()),
             Err(_) => Depth::Undecodable,
         },
-        "event" => match serde_json::from_slice::<DetokenizerEvent>(bytes) {
-            Ok(event) => depth(true, limits::check_detokenizer_event(&event).is_ok()),
+        "event" => match serde_json::from_slice::<DetokenizerMessage>(bytes) {
+            Ok(message) => depth(true, limits::check_detokenizer_event(&message.event).is_ok()),
             Err(_) => Depth::Undecodable,
         },
+        "report_request" => depth(serde_json::from_slice::<StreamReportRequest>(bytes).is_ok(), true),
         "step" => match serde_json::from_slice::<StepRequest>(bytes) {
             Ok(step) => depth(true, validate_plan(&step.plan, &plan_limits()).is_ok()),
             Err(_) => Depth::Undecodable,
