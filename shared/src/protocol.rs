@@ -359,6 +359,13 @@ pub enum StepReply {
     Done(StepOutput),
     /// The step failed; the executor's state is unchanged for the sequences it names.
     Failed(String),
+    /// The step was refused before it ran because of these sequences (the others are fine).
+    Refused {
+        /// Why.
+        message: String,
+        /// The sequences at fault.
+        seq_ids: Vec<crate::step::SeqId>,
+    },
 }
 
 /// Internal (v1): what a detokenizer is sent for a request.

@@ -64,6 +64,25 @@ def http_json(url, body=None, method=None, headers=None, timeout=30):
         return e.code, json.loads(e.read() or b"null")
 
 
+async def read_generation(nc, prefix, body, timeout=60, on_chunk=None):
+    """Publishes a generation request on the NATS connection `nc` and reads its answer: the
+    chunks up to the `done` one, or the error message (a dict, with the chunks that came
+    before it under "chunks"). `on_chunk` is called with each chunk as it comes."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(f"{prefix}.generate", json.dumps(body).encode(), reply=inbox)
+    chunks = []
+    while True:
+        data = json.loads((await sub.next_msg(timeout=timeout)).data)
+        if "error" in data:
+            return {**data, "chunks": chunks}
+        chunks.append(data)
+        if on_chunk:
+            on_chunk(data)
+        if data.get("done"):
+            return chunks
+
+
 class Process:
     def __init__(self, args, name):
         self.name = name

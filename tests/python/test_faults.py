@@ -9,14 +9,14 @@ import time
 
 import nats as nats_py
 
-from conftest import MODEL, Mesh, NatsServer, Process, free_port, http_json, wait_for
+from conftest import MODEL, Mesh, NatsServer, Process, free_port, http_json, read_generation, wait_for
 from test_failover import PROMPTS, texts
 
 
 class ServiceMesh:
     """Every service in its own process (so that each can be killed alone)."""
 
-    def __init__(self, nats, prefix, detokenizers=1, schedulers=1):
+    def __init__(self, nats, prefix, detokenizers=1, schedulers=1, executor_model=MODEL):
         self.nats, self.prefix = nats, prefix
         self.common = ["--nats-url", nats.url, "--subject-prefix", prefix]
         self.http_port = free_port()
@@ -28,7 +28,8 @@ class ServiceMesh:
         self.start("tokenizer", "tokenizer", *model)
         for i in range(detokenizers):
             self.start(f"detokenizer{i}", "detokenizer", *model, "--detokenizer-id", f"d{i}")
-        self.start("executor", "executor", *model, "--threads", "1", "--executor-id", "e0")
+        self.start("executor", "executor", "--model", str(executor_model), "--served-model-name", MODEL.name,
+                   "--threads", "1", "--executor-id", "e0")
         self.start("gateway", "gateway", "--host", "127.0.0.1", "--port", str(self.http_port))
 
         def ready():
@@ -54,20 +55,12 @@ async def stream(url, prefix, body, first_chunk, timeout=60):
     when the first chunk arrives."""
     nc = await nats_py.connect(url)
     try:
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        await nc.publish(f"{prefix}.generate", json.dumps(body).encode(), reply=inbox)
-        chunks = []
-        while True:
-            data = json.loads((await sub.next_msg(timeout=timeout)).data)
-            if "error" in data:
-                return {"error": data["error"], "chunks": chunks, "ended": time.monotonic()}
-            chunks.append(data)
-            first_chunk.set()
-            if data.get("done"):
-                return {"chunks": chunks, "ended": time.monotonic()}
+        answer = await read_generation(nc, prefix, body, timeout, on_chunk=lambda _: first_chunk.set())
     finally:
         await nc.close()
+    if isinstance(answer, dict):
+        return {"error": answer["error"], "chunks": answer["chunks"], "ended": time.monotonic()}
+    return {"chunks": answer, "ended": time.monotonic()}
 
 
 def ended_with_error(result):
@@ -185,5 +178,47 @@ def test_killing_the_scheduler_with_a_standby_running_loses_no_stream(nats):
         wait_for(lambda: (lambda s: s["requests"] == 0 and all(
             e["device_blocks_free"] == e["device_blocks_total"] for e in s["executors"]))(
                 http_json(m.base + "/stats")[1]), timeout=10, what="every block free")
+    finally:
+        m.stop()
+
+
+def test_a_step_refused_for_one_request_ends_that_request_and_no_other(nats, tmp_path):
+    """An executor that refuses a sequence (here: its copy of the model has a shorter context
+    than the scheduler's) fails that request alone; the others in the same steps complete
+    exactly, and the executor stays registered (no loss, no wedge)."""
+    import shutil
+    short = tmp_path / "stories260K-short"
+    shutil.copytree(MODEL, short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (short / "config.json").write_text(json.dumps(config))
+    m = ServiceMesh(nats, "blame", executor_model=short)
+    try:
+        innocents = [{"prompt": PROMPTS[i], "temperature": 0, "max_tokens": 40, "ignore_eos": True} for i in range(4)]
+
+        async def alone():
+            return await asyncio.gather(*(stream(nats.url, "blame", b, asyncio.Event()) for b in innocents))
+        reference = texts([r["chunks"] for r in asyncio.run(alone())])
+        # Longer than the executor's context from its first step on.
+        culprit = {"prompt": " ".join(PROMPTS) * 3, "temperature": 0, "max_tokens": 20}
+
+        async def together():
+            firsts = [asyncio.Event() for _ in innocents]
+            tasks = [asyncio.create_task(stream(nats.url, "blame", b, e)) for b, e in zip(innocents, firsts)]
+            await asyncio.gather(*(e.wait() for e in firsts))
+            # Sent while the others decode: its prefill shares a step with them.
+            blamed = await stream(nats.url, "blame", culprit, asyncio.Event())
+            return [blamed, *await asyncio.gather(*tasks)]
+        blamed, *others = asyncio.run(together())
+        assert ended_with_error(blamed), blamed
+        message = blamed["error"]["message"] if "error" in blamed else ""
+        assert "error" not in blamed or "max model length" in message, blamed
+        assert texts([r["chunks"] for r in others]) == reference
+        s = http_json(m.base + "/stats")[1]
+        assert [e["executor_id"] for e in s["executors"]] == ["e0"]
+        wait_for(lambda: http_json(m.base + "/stats")[1]["requests"] == 0, timeout=10, what="no request left")
+        # And the mesh goes on serving.
+        again = asyncio.run(alone())
+        assert texts([r["chunks"] for r in again]) == reference
     finally:
         m.stop()

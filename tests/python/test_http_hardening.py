@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from conftest import MODEL, Mesh, http_json, wait_for
+from conftest import Mesh, http_json, wait_for
 from test_faults import ServiceMesh
 
 BODY_TIMEOUT_S = 4

@@ -3,10 +3,11 @@ stream and non-stream) and through nats-py on `<prefix>.generate` returns exactl
 reference text."""
 
 import asyncio
-import json
 
 import nats as nats_py
 import openai
+
+from conftest import read_generation
 
 
 def client(mesh):
@@ -39,18 +40,7 @@ def test_completions_stream_match_the_reference(mesh, reference):
 async def generate_over_nats(url, prefix, body, timeout=60):
     nc = await nats_py.connect(url)
     try:
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        await nc.publish(f"{prefix}.generate", json.dumps(body).encode(), reply=inbox)
-        chunks = []
-        while True:
-            msg = await sub.next_msg(timeout=timeout)
-            data = json.loads(msg.data)
-            if "error" in data:
-                return data
-            chunks.append(data)
-            if data.get("done"):
-                return chunks
+        return await read_generation(nc, prefix, body, timeout)
     finally:
         await nc.close()
 

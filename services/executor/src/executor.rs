@@ -60,15 +60,23 @@ impl Executor {
         self.histories.len()
     }
 
-    fn validate(&self, plan: &StepPlan) -> Result<()> {
-        let limits = PlanLimits {
+    fn limits(&self) -> PlanLimits {
+        PlanLimits {
             device_blocks: self.cache.device.num_blocks,
             host_blocks: self.cache.host.num_blocks,
             block_size: self.cache.shape.block_size,
             vocab_size: self.model.config.vocab_size,
             max_model_len: self.model.config.max_model_len(),
-        };
-        validate_plan(plan, &limits)
+        }
+    }
+
+    fn validate(&self, plan: &StepPlan) -> Result<()> {
+        validate_plan(plan, &self.limits())
+    }
+
+    /// The sequences of a plan that are invalid on their own (see [`plan_culprits`]).
+    pub fn culprits(&self, plan: &StepPlan) -> Vec<SeqId> {
+        plan_culprits(plan, &self.limits())
     }
 
     /// Runs one step: swaps and copies, the forward pass, and sampling.
@@ -129,6 +137,26 @@ pub struct PlanLimits {
     pub vocab_size: usize,
     /// Longest sequence.
     pub max_model_len: usize,
+}
+
+/// The sequences of a plan that fail validation on their own (their tokens, positions,
+/// blocks or sampling), so that a refused step is blamed on them and not on the others.
+pub fn plan_culprits(plan: &StepPlan, limits: &PlanLimits) -> Vec<SeqId> {
+    plan.seqs
+        .iter()
+        .filter(|seq| {
+            let alone = StepPlan {
+                step_id: plan.step_id,
+                swap_out: Vec::new(),
+                swap_in: Vec::new(),
+                copy: Vec::new(),
+                released: Vec::new(),
+                seqs: vec![(*seq).clone()],
+            };
+            validate_plan(&alone, limits).is_err()
+        })
+        .map(|seq| seq.seq_id)
+        .collect()
 }
 
 /// Checks that every block, token and position of a plan is inside the limits.

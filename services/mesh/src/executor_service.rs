@@ -11,7 +11,7 @@ use futures::StreamExt;
 use pagemesh_executor::Executor;
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ExecutorRegistration, StepReply, StepRequest};
-use pagemesh_shared::{StepOutput, StepPlan};
+use pagemesh_shared::{SeqId, StepOutput, StepPlan};
 
 use crate::bus::{decode, Bus};
 
@@ -22,11 +22,21 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 pub trait StepBackend: Send {
     /// Runs one step.
     fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String>;
+
+    /// After a failed step: the sequences that made it fail, when the backend can tell
+    /// (none: the whole step is blamed).
+    fn culprits(&self, _plan: &StepPlan) -> Vec<SeqId> {
+        Vec::new()
+    }
 }
 
 impl StepBackend for Executor {
     fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
         Executor::execute(self, plan).map_err(|e| e.to_string())
+    }
+
+    fn culprits(&self, plan: &StepPlan) -> Vec<SeqId> {
+        Executor::culprits(self, plan)
     }
 }
 
@@ -53,9 +63,14 @@ impl Handler<RunStep> for StepWorker {
         let started = Instant::now();
         let reply = match self.executor.execute(&msg.0.plan) {
             Ok(output) => StepReply::Done(output),
-            Err(e) => {
+            Err(message) => {
                 self.failures.increment(1);
-                StepReply::Failed(e)
+                let seq_ids = self.executor.culprits(&msg.0.plan);
+                if seq_ids.is_empty() {
+                    StepReply::Failed(message)
+                } else {
+                    StepReply::Refused { message, seq_ids }
+                }
             }
         };
         self.duration.record(started.elapsed().as_secs_f64());

@@ -21,8 +21,8 @@ use pagemesh_shared::protocol::{
     Heartbeat, OpenRequest, ResumePoint, SchedulerHeartbeat, StepReply, StepRequest, StreamReport, StreamReportRequest,
     StreamState, SubmitAck, SubmitRequest, TokenEvent,
 };
-use pagemesh_shared::SampledToken;
 use pagemesh_shared::{EngineConfig, FinishReason};
+use pagemesh_shared::{SampledToken, SeqId};
 use serde_json::json;
 
 use crate::bus::{decode, Bus, BusError, OrderedPublisher};
@@ -609,7 +609,11 @@ impl SchedulerService {
             }
             Ok(StepReply::Failed(message)) => {
                 eprintln!("scheduler: executor {} failed a step: {message}", done.executor);
-                self.fail_step(&done.executor, &message, ctx);
+                self.fail_step(&done.executor, &message, &[], ctx);
+            }
+            Ok(StepReply::Refused { message, seq_ids }) => {
+                eprintln!("scheduler: executor {} refused a step: {message}", done.executor);
+                self.fail_step(&done.executor, &message, &seq_ids, ctx);
             }
             Err(e) => {
                 eprintln!("scheduler: executor {} did not answer a step: {e}", done.executor);
@@ -618,13 +622,20 @@ impl SchedulerService {
         }
     }
 
-    /// An executor answered that a step failed: the requests of that step end with an error
-    /// (they caused it, or cannot be told apart from the one that did), and the executor goes
-    /// on with a fresh core, its other requests re-placed as after a loss. It is not dropped:
-    /// it is alive, and the step that failed is not sent again.
-    fn fail_step(&mut self, executor: &str, message: &str, ctx: &mut Context<Self>) {
+    /// An executor answered that a step failed: the requests of the sequences it names end
+    /// with an error (all the step's requests when it names none: they cannot be told apart
+    /// from the one that caused it), and the executor goes on with a fresh core, its other
+    /// requests re-placed as after a loss. It is not dropped: it is alive, and the step that
+    /// failed is not sent again.
+    fn fail_step(&mut self, executor: &str, message: &str, seq_ids: &[SeqId], ctx: &mut Context<Self>) {
         let Some(slot) = self.executors.get_mut(executor) else { return };
-        let blamed = std::mem::take(&mut slot.in_flight_requests);
+        let in_step = std::mem::take(&mut slot.in_flight_requests);
+        let named: Vec<String> = seq_ids
+            .iter()
+            .filter_map(|&seq| slot.core.request_of(seq))
+            .filter_map(|core_id| self.by_core.get(&core_id).cloned())
+            .collect();
+        let blamed = if named.is_empty() { in_step } else { named };
         let registration = slot.registration.clone();
         for id in &blamed {
             self.fail(ctx, id, &format!("the executor could not run this request: {message}"));

@@ -33,7 +33,7 @@ fn templates() -> Vec<(&'static str, Value)> {
         (
             "submit",
             json!({"request_id": "r1", "reply_to": "_INBOX.a.b", "prompt_token_ids": [1, 2, 3, 4, 5],
-                          "params": params, "seed": 9, "stop": ["x"], "stream": true,
+                          "params": params, "seed": 9, "stop": ["x"], "stream": true, "owner": "CLIENT_A", "user": "u1",
                           "text": {"skip_special_tokens": true, "include_stop_str_in_output": false}}),
         ),
         (
@@ -294,7 +294,7 @@ fn receive(kind: &str, bytes: &[u8]) -> Depth {
                 core().process_output(&output);
                 Depth::Handled
             }
-            Ok(StepReply::Failed(_)) => Depth::Handled,
+            Ok(_) => Depth::Handled,
             Err(_) => Depth::Undecodable,
         },
         "generate" => match serde_json::from_slice::<GenerateRequest>(bytes) {
