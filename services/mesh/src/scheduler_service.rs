@@ -196,9 +196,13 @@ struct StreamsReported {
     streams: Result<Vec<StreamState>, BusError>,
 }
 
-/// Who sent an abort: `None` for a service (the internal subject), else the client's account.
-fn abort_authority(msg: &async_nats::Message) -> Option<Option<String>> {
-    let public = !msg.subject.as_str().contains(".v1.");
+/// Who sent an abort: `None` for a service (the internal subject), else the client's account
+/// (the public subject).
+fn abort_authority(
+    msg: &async_nats::Message,
+    subjects: &pagemesh_shared::subjects::Subjects,
+) -> Option<Option<String>> {
+    let public = msg.subject.as_str() == subjects.abort();
     public.then(|| crate::bus::requester_account(msg))
 }
 
@@ -1066,7 +1070,7 @@ impl SchedulerService {
             Incoming::Abort(msg) | Incoming::PublicAbort(msg) => {
                 if let Ok(abort) = decode::<AbortRequest>(msg.subject.as_str(), &msg.payload) {
                     if limits::check_request_id(&abort.request_id).is_ok() {
-                        let owner = abort_authority(&msg).flatten();
+                        let owner = abort_authority(&msg, &self.bus.subjects).flatten();
                         self.early_aborts.remember(&abort_key(owner.as_deref(), &abort.request_id), Instant::now());
                     }
                 }
@@ -1120,7 +1124,7 @@ impl StreamHandler<Incoming> for SchedulerService {
                     .map_err(|e| e.to_string())
                     .and_then(|abort| limits::check_request_id(&abort.request_id).map(|()| abort));
                 match abort {
-                    Ok(abort) => self.on_abort(&abort.request_id, abort_authority(&msg), ctx),
+                    Ok(abort) => self.on_abort(&abort.request_id, abort_authority(&msg, &self.bus.subjects), ctx),
                     Err(e) => {
                         refuse("scheduler", "abort", &e);
                         let reply = msg.reply.filter(|r| limits::check_reply_subject(r).is_ok());
