@@ -4,8 +4,8 @@
 //! subjects, counts and token ids against these bounds (and the model's vocabulary and context
 //! length) first, and answers a message that breaks one with an error instead of acting on it.
 
-use crate::protocol::{DetokenizerAck, DetokenizerEvent, ExecutorRegistration, SubmitRequest};
-use crate::sampling::MAX_N;
+use crate::protocol::{DetokenizerAck, DetokenizerEvent, ExecutorRegistration, StreamState, SubmitRequest};
+use crate::sampling::{SamplingParams, MAX_N};
 
 /// Longest request id, in bytes.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -101,18 +101,50 @@ impl ModelLimits {
         if submit.user.as_ref().is_some_and(|u| u.len() > MAX_REQUEST_ID_LEN) {
             return Err(format!("user must be at most {MAX_REQUEST_ID_LEN} bytes long"));
         }
-        self.check_prompt(&submit.prompt_token_ids)?;
-        submit.params.validate()?;
-        submit.params.check_vocab(self.vocab_size)?;
-        check_stop_strings(&submit.stop)?;
-        let total = submit.prompt_token_ids.len().saturating_add(submit.params.max_tokens);
+        self.check_request(&submit.prompt_token_ids, &submit.params, &submit.stop)
+    }
+
+    /// Checks what a request asks of the model: its prompt, sampling parameters (with the
+    /// token ids they name), stop strings, and prompt + `max_tokens` within the context.
+    fn check_request(&self, prompt: &[u32], params: &SamplingParams, stop: &[String]) -> Result<(), String> {
+        self.check_prompt(prompt)?;
+        params.validate()?;
+        params.check_vocab(self.vocab_size)?;
+        check_stop_strings(stop)?;
+        let total = prompt.len().saturating_add(params.max_tokens);
         if total > self.max_model_len {
             return Err(format!(
                 "this model's maximum context length is {} tokens; the prompt has {} tokens and max_tokens is {} ({total} in all)",
                 self.max_model_len,
-                submit.prompt_token_ids.len(),
-                submit.params.max_tokens
+                prompt.len(),
+                params.max_tokens
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks a stream a detokenizer reports to a scheduler taking over: its request as a
+    /// submit is checked, one entry per sample everywhere, and each sample's tokens within
+    /// `max_tokens` and the vocabulary.
+    pub fn check_stream(&self, stream: &StreamState) -> Result<(), String> {
+        let open = &stream.open;
+        check_request_id(&open.request_id)?;
+        check_reply_subject(&open.reply_to)?;
+        if open.owner.as_ref().is_some_and(|o| o.len() > MAX_MODEL_NAME_LEN) {
+            return Err("owner accounts are at most 256 bytes long".into());
+        }
+        self.check_request(&open.prompt_token_ids, &open.params, &open.stop)?;
+        let n = open.params.n;
+        let per_sample =
+            [stream.generated.len(), stream.finished.len(), stream.ack.consumed.len(), stream.ack.closed.len()];
+        if open.n != n || per_sample.iter().any(|&len| len != n) || stream.ack.request_id != open.request_id {
+            return Err(format!("stream {}: its samples do not add up", open.request_id));
+        }
+        for tokens in &stream.generated {
+            if tokens.len() > open.params.max_tokens {
+                return Err(format!("stream {}: more tokens than max_tokens", open.request_id));
+            }
+            check_token_ids("generated", tokens, self.vocab_size)?;
         }
         Ok(())
     }
@@ -208,8 +240,7 @@ pub fn check_detokenizer_event(event: &DetokenizerEvent) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::TextOptions;
-    use crate::sampling::SamplingParams;
+    use crate::protocol::{OpenRequest, TextOptions};
 
     fn submit(prompt: Vec<u32>, params: SamplingParams) -> SubmitRequest {
         SubmitRequest {
@@ -279,5 +310,47 @@ mod tests {
         assert!(check_registration(&zero, 1 << 20).is_err());
         let id = ExecutorRegistration { executor_id: "a.>".into(), ..ok };
         assert!(check_registration(&id, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn a_reported_stream_must_add_up_and_stay_within_its_request() {
+        let params = SamplingParams { n: 2, ..SamplingParams::greedy(4) };
+        let stream = StreamState {
+            open: OpenRequest {
+                request_id: "r1".into(),
+                reply_to: "_INBOX.a".into(),
+                prompt_token_ids: vec![1, 2],
+                n: 2,
+                stop: Vec::new(),
+                stream: true,
+                logprobs: false,
+                text: TextOptions::default(),
+                resume: None,
+                params,
+                seed: 0,
+                owner: None,
+            },
+            generated: vec![vec![5, 6], vec![7]],
+            finished: vec![None, None],
+            ack: DetokenizerAck {
+                request_id: "r1".into(),
+                next_index: 1,
+                consumed: vec![1, 1],
+                closed: vec![false; 2],
+            },
+        };
+        assert_eq!(LIMITS.check_stream(&stream), Ok(()));
+        let mut long = stream.clone();
+        long.generated[0] = vec![5; 5];
+        assert!(LIMITS.check_stream(&long).unwrap_err().contains("max_tokens"));
+        let mut outside = stream.clone();
+        outside.generated[1] = vec![100_000];
+        assert!(LIMITS.check_stream(&outside).unwrap_err().contains("vocabulary"));
+        let mut short = stream.clone();
+        short.finished.pop();
+        assert!(LIMITS.check_stream(&short).unwrap_err().contains("add up"));
+        let mut other = stream;
+        other.ack.request_id = "r2".into();
+        assert!(LIMITS.check_stream(&other).is_err());
     }
 }

@@ -89,7 +89,7 @@ impl Leadership {
             return Decision::Stay;
         }
         self.active = true;
-        self.term = self.highest_term + 1;
+        self.term = self.highest_term.saturating_add(1);
         self.highest_term = self.term;
         Decision::Activate(self.term)
     }

@@ -129,16 +129,6 @@ impl RequestState {
             timing: RequestTiming::arrived(),
         }
     }
-
-    /// Whether a reported stream is consistent with itself (one entry per sample everywhere).
-    fn is_consistent(&self) -> bool {
-        let n = self.submit.params.n;
-        self.generated.len() == n
-            && self.finished.len() == n
-            && self.acked.consumed.len() == n
-            && self.acked.closed.len() == n
-            && self.acked.request_id == self.submit.request_id
-    }
 }
 
 /// How often a scheduler announces itself.
@@ -214,22 +204,37 @@ fn abort_key(owner: Option<&str>, request_id: &str) -> String {
 
 /// Most pages of streams one detokenizer may report.
 const MAX_REPORT_PAGES: usize = 4096;
+/// Most streams adopted from one detokenizer (what one detokenizer holds at most).
+const MAX_ADOPTED_STREAMS: usize = crate::detokenizer_service::MAX_OPEN_STREAMS;
 /// Longest wait for one page of a stream report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Asks a detokenizer for every stream it holds, page by page.
-async fn collect_streams(bus: &Bus, detokenizer: &str, term: u64) -> Result<Vec<StreamState>, BusError> {
+/// Asks a detokenizer for every stream it holds, page by page, keeping the streams that pass
+/// [`ModelLimits::check_stream`] (at most [`MAX_ADOPTED_STREAMS`]).
+async fn collect_streams(
+    bus: &Bus,
+    detokenizer: &str,
+    term: u64,
+    limits: ModelLimits,
+) -> Result<Vec<StreamState>, BusError> {
     let subject = bus.subjects.detokenizer_report(detokenizer);
     let mut streams: Vec<StreamState> = Vec::new();
+    let mut after: Option<String> = None;
     for _ in 0..MAX_REPORT_PAGES {
-        let after = streams.last().map(|s| s.open.request_id.clone());
-        let page: StreamReport =
-            bus.request_json(subject.clone(), &StreamReportRequest { term, after }, REPORT_TIMEOUT).await?;
-        let progressed = !page.streams.is_empty();
-        streams.extend(page.streams);
-        if !page.more || !progressed {
+        let request = StreamReportRequest { term, after: after.clone() };
+        let page: StreamReport = bus.request_json(subject.clone(), &request, REPORT_TIMEOUT).await?;
+        let Some(last) = page.streams.last().map(|s| s.open.request_id.clone()) else { break };
+        for stream in page.streams {
+            match limits.check_stream(&stream) {
+                Ok(()) if streams.len() < MAX_ADOPTED_STREAMS => streams.push(stream),
+                Ok(()) => refuse("scheduler", "stream_report", "more streams than one detokenizer holds"),
+                Err(e) => refuse("scheduler", "stream_report", &e),
+            }
+        }
+        if !page.more || after.as_ref().is_some_and(|a| *a >= last) {
             break;
         }
+        after = Some(last);
     }
     Ok(streams)
 }
@@ -910,10 +915,10 @@ impl SchedulerService {
         eprintln!("scheduler {}: serving (term {term})", self.id);
         self.announce(ctx);
         for detokenizer in self.detokenizers.keys().cloned().collect::<Vec<_>>() {
-            let bus = self.bus.clone();
+            let (bus, limits) = (self.bus.clone(), self.config.limits);
             ctx.spawn(
                 async move {
-                    let streams = collect_streams(&bus, &detokenizer, term).await;
+                    let streams = collect_streams(&bus, &detokenizer, term, limits).await;
                     StreamsReported { detokenizer, streams }
                 }
                 .into_actor(self)
@@ -933,13 +938,9 @@ impl SchedulerService {
         };
         let mut adopted = 0;
         for stream in streams {
+            // Checked as they were collected.
             let state = RequestState::from_stream(stream, &reported.detokenizer);
             let id = state.submit.request_id.clone();
-            let valid = self.config.limits.check_submit(&state.submit).is_ok() && state.is_consistent();
-            if !valid {
-                refuse("scheduler", "stream_report", &format!("an inconsistent stream {id} was reported"));
-                continue;
-            }
             if self.requests.contains_key(&id) || state.acked.closed.iter().all(|c| *c) {
                 continue;
             }

@@ -14,7 +14,7 @@ use pagemesh_scheduler::{NewRequest, Scheduler};
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::protocol::{
     AbortRequest, DetokenizerAck, DetokenizerMessage, ExecutorRegistration, GenerateRequest, Heartbeat,
-    SchedulerHeartbeat, StepReply, StepRequest, StreamReportRequest, SubmitAck, SubmitRequest,
+    SchedulerHeartbeat, StepReply, StepRequest, StreamReport, StreamReportRequest, SubmitAck, SubmitRequest,
 };
 use pagemesh_shared::{EngineConfig, StepOutput};
 use rand::rngs::StdRng;
@@ -60,6 +60,14 @@ fn templates() -> Vec<(&'static str, Value)> {
         ),
         ("event", json!({"term": 2, "event": {"Finish": {"request_id": "r1", "reason": "error", "message": "m"}}})),
         ("report_request", json!({"term": 3, "after": "r0"})),
+        (
+            "report",
+            json!({"more": false, "streams": [{"open": {"request_id": "r1", "reply_to": "_INBOX.a",
+            "prompt_token_ids": [1, 2], "n": 2, "stop": ["s"], "stream": true, "logprobs": false,
+            "params": params, "seed": 4, "owner": "CLIENT_A"},
+            "generated": [[4, 5], [6]], "finished": [null, "length"],
+            "ack": {"request_id": "r1", "next_index": 2, "consumed": [1, 1], "closed": [false, true]}}]}),
+        ),
         (
             "step",
             json!({"plan": {"step_id": 1, "swap_out": [[1, 0]], "swap_in": [[0, 2]], "copy": [[3, 4]],
@@ -284,6 +292,11 @@ fn receive(kind: &str, bytes: &[u8]) -> Depth {
             Err(_) => Depth::Undecodable,
         },
         "report_request" => depth(serde_json::from_slice::<StreamReportRequest>(bytes).is_ok(), true),
+        // What a scheduler taking over keeps of a report: the streams that pass the check.
+        "report" => match serde_json::from_slice::<StreamReport>(bytes) {
+            Ok(report) => depth(true, report.streams.iter().all(|s| MODEL.check_stream(s).is_ok())),
+            Err(_) => Depth::Undecodable,
+        },
         "step" => match serde_json::from_slice::<StepRequest>(bytes) {
             Ok(step) => depth(true, validate_plan(&step.plan, &plan_limits()).is_ok()),
             Err(_) => Depth::Undecodable,
