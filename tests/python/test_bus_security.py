@@ -19,7 +19,7 @@ from pathlib import Path
 import nats as nats_py
 import pytest
 
-from conftest import BIN, MODEL, Process, free_port, http_json, read_generation, wait_for
+from conftest import BIN, MODEL, Mesh, Process, free_port, http_json, read_generation, wait_for
 
 PREFIX = "sec"
 
@@ -72,18 +72,10 @@ def bus():
 
 @pytest.fixture(scope="module")
 def secured_mesh(bus):
-    port = free_port()
-    serve = Process(["serve", "--model", str(MODEL), "--host", "127.0.0.1", "--port", str(port), "--no-start-nats",
-                     "--nats-url", bus.url, "--nats-auth-dir", str(bus.dir), "--subject-prefix", PREFIX],
-                    "serve-secured")
-    base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        status, body = http_json(base + "/ready")
-        return status == 200 and body["executors"] >= 1
-    wait_for(ready, timeout=60, what="the secured mesh")
-    yield base
-    serve.stop()
+    m = Mesh(bus, PREFIX, serve_args=["--nats-auth-dir", str(bus.dir)])
+    m.wait_ready()
+    yield m.base
+    m.stop()
 
 
 def run(coro):

@@ -2,6 +2,7 @@
 20,000 half-sent bodies, non-JSON bodies, runaway fan-out, abandoned non-streamed requests,
 /stats behind the API key, and a tokenizer that is gone (503, /ready false)."""
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -193,8 +194,6 @@ def test_20000_half_sent_bodies_leave_health_and_completions_answering(nats):
 def test_waiting_requests_are_taken_round_robin_across_api_keys(nats):
     m = hardened_mesh(nats, "fair", "--api-key", "flood,single", "--max-num-seqs", "1", "--admission-window", "1")
     try:
-        import asyncio
-
         async def run():
             async with httpx.AsyncClient(timeout=120) as h:
                 finished = []

@@ -108,19 +108,17 @@ impl Bus {
             let counter = reconnects.clone();
             let (established_now, metric) = (established.clone(), reconnect_metric.clone());
             let link_now = link.clone();
-            let mut connect = match (&options.creds, &options.token, &options.user) {
-                _ if options.nkey_seed.is_some() => {
-                    async_nats::ConnectOptions::with_nkey(options.nkey_seed.clone().unwrap_or_default())
-                }
-                (Some(path), _, _) => async_nats::ConnectOptions::with_credentials_file(path.clone())
+            let mut connect = match (&options.nkey_seed, &options.creds, &options.token, &options.user) {
+                (Some(seed), _, _, _) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+                (None, Some(path), _, _) => async_nats::ConnectOptions::with_credentials_file(path.clone())
                     .await
                     .map_err(|e| BusError::Connect { url: options.url.clone(), message: e.to_string() })?,
-                (None, Some(token), _) => async_nats::ConnectOptions::with_token(token.clone()),
-                (None, None, Some(user)) => async_nats::ConnectOptions::with_user_and_password(
+                (None, None, Some(token), _) => async_nats::ConnectOptions::with_token(token.clone()),
+                (None, None, None, Some(user)) => async_nats::ConnectOptions::with_user_and_password(
                     user.clone(),
                     options.password.clone().unwrap_or_default(),
                 ),
-                (None, None, None) => async_nats::ConnectOptions::new(),
+                (None, None, None, None) => async_nats::ConnectOptions::new(),
             };
             connect = connect
                 .name(name)

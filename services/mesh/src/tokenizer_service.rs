@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::StreamExt;
-use pagemesh_shared::limits;
+use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
     ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitAck, SubmitRequest, TextOptions,
@@ -148,34 +148,15 @@ impl TokenizerService {
                 self.renderer.tokenize(&self.tokenizer, messages, add).map_err(|m| fail(invalid(m)))?
             }
         };
-        if prompt_token_ids.is_empty() {
-            return Err(fail(invalid("the prompt is empty")));
-        }
-        if let Some(bad) = prompt_token_ids.iter().find(|&&t| t as usize >= self.model.vocab_size) {
-            return Err(fail(invalid(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.model.vocab_size
-            ))));
-        }
         let mut params = request.params.clone();
         if request.messages.is_some() && !explicit_max_tokens {
             // Chat without max_tokens: up to the end of the context.
             params.max_tokens = self.model.max_model_len.saturating_sub(prompt_token_ids.len()).max(1);
         }
-        let total = prompt_token_ids.len() + params.max_tokens;
-        if total > self.model.max_model_len {
-            return Err(fail(invalid(format!(
-                "this model's maximum context length is {} tokens; the prompt has {} tokens and max_tokens is {} ({total} in all)",
-                self.model.max_model_len,
-                prompt_token_ids.len(),
-                params.max_tokens
-            ))));
-        }
         let stop = request.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-        limits::check_stop_strings(&stop).map_err(|m| fail(invalid(m)))?;
         let seed = params.seed.unwrap_or_else(rand::random);
-        Ok(SubmitRequest {
-            request_id,
+        let submit = SubmitRequest {
+            request_id: request_id.clone(),
             reply_to: reply_to.to_string(),
             prompt_token_ids,
             params,
@@ -188,7 +169,11 @@ impl TokenizerService {
                 skip_special_tokens: request.skip_special_tokens.unwrap_or(true),
                 include_stop_str_in_output: request.include_stop_str_in_output.unwrap_or(false),
             },
-        })
+        };
+        // The scheduler checks the same, as it checks every submit.
+        let limits = ModelLimits { vocab_size: self.model.vocab_size, max_model_len: self.model.max_model_len };
+        limits.check_submit(&submit).map_err(|m| fail(invalid(m)))?;
+        Ok(submit)
     }
 
     fn tokenize(&self, payload: &[u8]) -> Value {
