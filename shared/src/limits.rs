@@ -24,6 +24,10 @@ pub const MAX_BLOCK_SIZE: usize = 1024;
 /// Longest token list (prompt, or a sample's tokens so far) any internal message may carry.
 pub const MAX_SEQUENCE_TOKENS: usize = 1 << 20;
 
+/// Most request streams one detokenizer serves at once (and a scheduler taking over adopts
+/// from one detokenizer's report).
+pub const MAX_OPEN_STREAMS: usize = 1 << 16;
+
 /// Checks a request id: 1 to [`MAX_REQUEST_ID_LEN`] bytes, no control characters.
 pub fn check_request_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_REQUEST_ID_LEN {
@@ -169,6 +173,14 @@ impl ModelLimits {
 /// `max_blocks` (the scheduler's cap on one pool).
 pub fn check_registration(registration: &ExecutorRegistration, max_blocks: usize) -> Result<(), String> {
     check_instance_id(&registration.executor_id)?;
+    if registration.protocol_version != crate::protocol::INTERNAL_PROTOCOL_VERSION {
+        return Err(format!(
+            "executor {} speaks internal protocol version {}; this scheduler speaks {} (run the same pagemesh release everywhere)",
+            registration.executor_id,
+            registration.protocol_version,
+            crate::protocol::INTERNAL_PROTOCOL_VERSION
+        ));
+    }
     if registration.model.len() > MAX_MODEL_NAME_LEN {
         return Err(format!("model names are at most {MAX_MODEL_NAME_LEN} bytes long"));
     }
@@ -302,8 +314,12 @@ mod tests {
             block_size: 16,
             num_device_blocks: 1024,
             num_host_blocks: 0,
+            incarnation: 7,
+            protocol_version: crate::protocol::INTERNAL_PROTOCOL_VERSION,
         };
         assert_eq!(check_registration(&ok, 1 << 20), Ok(()));
+        let old = ExecutorRegistration { protocol_version: 1, ..ok.clone() };
+        assert!(check_registration(&old, 1 << 20).unwrap_err().contains("protocol version 1"));
         let huge = ExecutorRegistration { num_device_blocks: 4_294_967_294, ..ok.clone() };
         assert!(check_registration(&huge, 1 << 20).unwrap_err().contains("at most 1048576"));
         let zero = ExecutorRegistration { block_size: 0, ..ok.clone() };

@@ -168,6 +168,9 @@ pub const HTTP_REQUESTS: &str = "pagemesh_http_requests_total";
 pub const NATS_RECONNECTS: &str = "pagemesh_nats_reconnects_total";
 /// Messages refused by their receiver as malformed or out of bounds (counter; service, message).
 pub const INVALID_MESSAGES: &str = "pagemesh_invalid_messages_total";
+/// Step answers a scheduler dropped because they came from an executor's earlier life (one
+/// dropped and registered again, or restarted) or for a step no longer awaited (counter; model).
+pub const STALE_STEP_REPLIES: &str = "pagemesh_stale_step_replies_total";
 /// Always 1; labels carry the version and the service (gauge; version, service).
 pub const BUILD_INFO: &str = "pagemesh_build_info";
 
@@ -227,6 +230,10 @@ pub const ALL: &[MetricDef] = &[
     counter(HTTP_REQUESTS, "HTTP requests answered by the gateway, by endpoint and status."),
     counter(NATS_RECONNECTS, "NATS reconnections after the first connection."),
     counter(INVALID_MESSAGES, "Messages refused as malformed or out of bounds, by service and message kind."),
+    counter(
+        STALE_STEP_REPLIES,
+        "Step answers dropped as late: from an executor's earlier life or for a step no longer awaited.",
+    ),
     gauge(BUILD_INFO, "Always 1; the labels carry the version and the service."),
 ];
 

@@ -336,7 +336,16 @@ pub struct ExecutorRegistration {
     pub num_device_blocks: usize,
     /// Host pool.
     pub num_host_blocks: usize,
+    /// This executor process's life: random, fresh at every start. A scheduler that sees the
+    /// same id with another incarnation knows the executor restarted (its KV cache is gone).
+    pub incarnation: u64,
+    /// The internal protocol the executor speaks ([`INTERNAL_PROTOCOL_VERSION`]).
+    pub protocol_version: u32,
 }
+
+/// The version of the internal (scheduler ↔ executor ↔ detokenizer) protocol. A registration
+/// with another version is refused: every service of a mesh must run the same release.
+pub const INTERNAL_PROTOCOL_VERSION: u32 = 2;
 
 /// Internal (v1): a heartbeat of an executor or detokenizer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -345,11 +354,28 @@ pub struct Heartbeat {
     pub id: String,
 }
 
-/// Internal (v1): a step for an executor.
+/// Internal: a step for an executor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRequest {
+    /// The executor incarnation the step is for (from its registration): a restarted executor
+    /// refuses steps meant for its previous life.
+    pub incarnation: u64,
+    /// The step's number, unique within the scheduler; the answer repeats it.
+    pub step: u64,
     /// The plan.
     pub plan: StepPlan,
+}
+
+/// Internal: an executor's answer to a [`StepRequest`], naming the incarnation that ran it
+/// and the step it answers, so that a scheduler can drop answers that arrive too late.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResponse {
+    /// The answering executor's incarnation.
+    pub incarnation: u64,
+    /// The step answered.
+    pub step: u64,
+    /// The answer.
+    pub reply: StepReply,
 }
 
 /// Internal (v1): an executor's answer to a step.

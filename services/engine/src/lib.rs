@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use pagemesh_executor::engine_args::{eos_token_ids, EngineArgs};
 use pagemesh_executor::{Executor, ExecutorError};
 use pagemesh_scheduler::{AdmissionError, BlockUsage, NewRequest, RequestEvent, Scheduler, SchedulerStats};
 use pagemesh_shared::{EngineConfig, FinishReason, SampledToken, SamplingParams};
@@ -232,4 +233,12 @@ impl Engine {
     pub fn check_invariants(&self) -> Result<(), String> {
         self.scheduler.check_invariants()
     }
+}
+
+/// Sets the threads, loads the model `args` names and builds an in-process engine.
+pub fn build(args: &EngineArgs) -> Result<Engine, String> {
+    args.set_threads()?;
+    let (executor, config) = args.load_executor()?;
+    let eos = eos_token_ids(&args.model, &executor.model().config.eos_token_ids)?;
+    Ok(Engine::new(executor, config, eos))
 }

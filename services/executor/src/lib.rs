@@ -7,10 +7,13 @@
 
 pub mod config;
 pub mod cpu;
+pub mod engine_args;
 pub mod error;
 pub mod executor;
 pub mod gpu;
 pub mod sampling;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod synth;
 pub mod weights;
 

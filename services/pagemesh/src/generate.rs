@@ -15,7 +15,7 @@ use pagemesh_shared::SamplingParams;
 use pagemesh_tokenizer::TextTokenizer;
 use serde_json::{json, Value};
 
-use pagemesh_mesh::engine_args::EngineArgs;
+use pagemesh_executor::engine_args::EngineArgs;
 
 /// Flags of `pagemesh generate`.
 #[derive(Args, Debug)]
@@ -103,9 +103,9 @@ fn output_json(line: &InputLine, out: &RequestOutput, tokenizer: &TextTokenizer)
 
 /// Runs the command.
 pub fn run(mut args: GenerateArgs) -> Result<(), String> {
-    args.engine.model = pagemesh_mesh::model_hub::resolve(&args.engine.model)?;
+    args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     let tokenizer = TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?;
-    let mut engine = args.engine.build()?;
+    let mut engine = pagemesh_engine::build(&args.engine)?;
     let input = std::fs::File::open(&args.input).map_err(|e| format!("cannot open {}: {e}", args.input.display()))?;
     let mut lines = Vec::new();
     for (n, line) in std::io::BufReader::new(input).lines().enumerate() {

@@ -1,11 +1,13 @@
-//! `pagemesh`: offline generation, synthetic models and benchmarks.
+//! `pagemesh`: the command line — the mesh services (`serve` runs them all), offline generation,
+//! synthetic models, benchmarks and model fetching.
 
 mod bench;
 mod generate;
+mod launch;
+mod model_hub;
 mod synth;
 
 use clap::{Parser, Subcommand};
-use pagemesh_mesh::launch;
 
 /// An LLM inference server built like vLLM inside: paged KV cache, continuous batching,
 /// FCFS scheduling with swap/recompute preemption.
@@ -43,7 +45,7 @@ enum Command {
     NatsConfig(launch::NatsConfigArgs),
     /// Make sure a model is on this machine (fetch a Hugging Face Hub id into the cache) and
     /// print its directory.
-    Fetch(pagemesh_mesh::model_hub::FetchArgs),
+    Fetch(crate::model_hub::FetchArgs),
 }
 
 fn main() {
@@ -59,7 +61,7 @@ fn main() {
         Command::Executor(args) => launch::executor(args),
         Command::Detokenizer(args) => launch::detokenizer(args),
         Command::NatsConfig(args) => launch::nats_config(args),
-        Command::Fetch(args) => pagemesh_mesh::model_hub::fetch(args),
+        Command::Fetch(args) => crate::model_hub::fetch(args),
     };
     if let Err(message) = result {
         eprintln!("error: {message}");

@@ -67,6 +67,8 @@ mod id_map;
 mod proptests;
 mod request;
 mod scheduler;
+#[cfg(feature = "service")]
+pub mod service;
 mod stats;
 #[cfg(test)]
 mod testing;

@@ -12,6 +12,8 @@ use std::path::Path;
 use thiserror::Error;
 
 mod chat;
+#[cfg(feature = "service")]
+pub mod service;
 
 pub use chat::{ChatMessage, ChatTemplate, RenderOptions, SpecialTokens, TemplateValue};
 

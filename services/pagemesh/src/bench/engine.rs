@@ -6,7 +6,7 @@ use clap::Args;
 use pagemesh_shared::SamplingParams;
 use serde_json::json;
 
-use pagemesh_mesh::engine_args::EngineArgs;
+use pagemesh_executor::engine_args::EngineArgs;
 
 /// Flags of `pagemesh bench engine`.
 #[derive(Args, Debug)]
@@ -76,7 +76,7 @@ fn run_batch(
 pub fn run(args: EngineBenchArgs) -> Result<(), String> {
     {
         {
-            let mut engine = args.engine.build()?;
+            let mut engine = pagemesh_engine::build(&args.engine)?;
             let dtype = format!("{:?}", engine.executor().model().dtype());
             let threads = rayon::current_num_threads();
             // Warm up caches and thread pools.

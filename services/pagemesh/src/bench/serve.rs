@@ -11,9 +11,9 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::launch::NatsArgs;
 use clap::{Args, ValueEnum};
 use indicatif::ProgressBar;
-use pagemesh_mesh::launch::NatsArgs;
 use pagemesh_sim::rng::Rng;
 use pagemesh_sim::stats::{summarize, Summary};
 use pagemesh_sim::workload::{self, WorkloadSource};
@@ -205,7 +205,7 @@ fn run_nats(
     let timeout = Duration::from_secs(args.timeout_s);
     let limit = args.max_concurrency.unwrap_or(requests.len());
     runtime.block_on(async move {
-        let bus = pagemesh_mesh::bus::Bus::connect(&options, "pagemesh-bench", Duration::from_secs(10))
+        let bus = pagemesh_bus::bus::Bus::connect(&options, "pagemesh-bench", Duration::from_secs(10))
             .await
             .map_err(|e| e.to_string())?;
         let subject = bus.subjects.generate();

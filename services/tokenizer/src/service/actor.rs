@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::TextTokenizer;
 use actix::prelude::*;
 use futures::StreamExt;
 use pagemesh_shared::limits::{self, ModelLimits};
@@ -13,15 +14,14 @@ use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
     ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitAck, SubmitRequest, TextOptions,
 };
-use pagemesh_shared::subjects::TOKENIZER_QUEUE;
-use pagemesh_tokenizer::TextTokenizer;
+use pagemesh_shared::subjects::{Subjects, TOKENIZER_QUEUE};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::bus::{new_id, Bus, BusError};
-use crate::chat::PromptRenderer;
-use crate::refusals::refuse;
-use crate::scheduler_metrics::request_error;
+use super::prompt_renderer::PromptRenderer;
+use pagemesh_bus::bus::{new_id, Bus, BusError};
+use pagemesh_bus::metrics_endpoint::request_error;
+use pagemesh_bus::refusals::refuse;
 
 /// What the tokenizer knows of the model.
 pub struct ModelInfo {
@@ -36,10 +36,22 @@ pub struct ModelInfo {
 /// The tokenizer service.
 pub struct TokenizerService {
     bus: Bus,
+    work: Arc<Tokenizing>,
+    /// Bounds the CPU work running at once on the blocking pool.
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// The CPU side of the service: validation, chat templates and tokenization. It runs on the
+/// runtime's blocking pool, never on the event loop, so that a long prompt cannot stall the
+/// other services of a process (`pagemesh serve` runs the scheduler on the same loop).
+struct Tokenizing {
     tokenizer: Arc<TextTokenizer>,
     renderer: PromptRenderer,
     model: ModelInfo,
 }
+
+/// Most messages tokenized at once by one tokenizer service (the others wait their turn).
+const MAX_CONCURRENT_WORK: usize = 8;
 
 /// Which public subject a message came on.
 enum Incoming {
@@ -100,9 +112,12 @@ fn invalid(message: impl Into<String>) -> Rejection {
 impl TokenizerService {
     /// A tokenizer service for one model.
     pub fn new(bus: Bus, tokenizer: Arc<TextTokenizer>, renderer: PromptRenderer, model: ModelInfo) -> Self {
-        Self { bus, tokenizer, renderer, model }
+        let work = Arc::new(Tokenizing { tokenizer, renderer, model });
+        Self { bus, work, permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WORK)) }
     }
+}
 
+impl Tokenizing {
     fn check_model(&self, model: Option<&str>) -> Result<(), Rejection> {
         match model {
             Some(name) if name != self.model.name => Err(Rejection {
@@ -236,7 +251,7 @@ impl Actor for TokenizerService {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        crate::refusals::register("tokenizer", &["generate"]);
+        pagemesh_bus::refusals::register("tokenizer", &["generate"]);
         let client = self.bus.client.clone();
         let s = self.bus.subjects.clone();
         ctx.wait(
@@ -288,9 +303,50 @@ async fn hand_to_scheduler(bus: &Bus, submit: &SubmitRequest) -> Result<(), Stri
     }
 }
 
+impl Tokenizing {
+    /// A generate request checked, rendered and tokenized, ready for the scheduler.
+    fn generate(&self, msg: &async_nats::Message, reply: &str) -> Result<SubmitRequest, (Option<String>, Rejection)> {
+        let started = Instant::now();
+        let prepared = self
+            .prepare(&msg.payload, reply)
+            .map(|submit| SubmitRequest { owner: pagemesh_bus::bus::requester_account(msg), ..submit });
+        self.observe("generate", started);
+        if let Err((_, rejection)) = &prepared {
+            request_error(&self.model.name, rejection.kind);
+        }
+        prepared
+    }
+
+    /// The answer to a tokenize, detokenize or models request.
+    fn answer(&self, msg: &async_nats::Message, subjects: &Subjects) -> Value {
+        let started = Instant::now();
+        if msg.subject.as_str() == subjects.tokenize() {
+            let answer = self.tokenize(&msg.payload);
+            self.observe("tokenize", started);
+            answer
+        } else if msg.subject.as_str() == subjects.detokenize() {
+            let answer = self.detokenize(&msg.payload);
+            self.observe("detokenize", started);
+            answer
+        } else {
+            self.models()
+        }
+    }
+}
+
+/// Runs `job` on the blocking pool once a permit is free.
+async fn off_the_loop<T: Send + 'static>(
+    permits: Arc<tokio::sync::Semaphore>,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(job).await.map_err(|e| format!("the tokenizer's work failed: {e}"))
+}
+
 impl StreamHandler<Incoming> for TokenizerService {
     fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
         let bus = self.bus.clone();
+        let (work, permits) = (self.work.clone(), self.permits.clone());
         match item {
             Incoming::Generate(msg) => {
                 let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else {
@@ -301,49 +357,36 @@ impl StreamHandler<Incoming> for TokenizerService {
                     refuse("tokenizer", "generate", &e);
                     return;
                 }
-                let started = Instant::now();
-                let prepared = self
-                    .prepare(&msg.payload, &reply)
-                    .map(|submit| SubmitRequest { owner: crate::bus::requester_account(&msg), ..submit });
-                self.observe("generate", started);
-                if let Err((_, rejection)) = &prepared {
-                    request_error(&self.model.name, rejection.kind);
-                }
-                match prepared {
-                    Ok(submit) => ctx.spawn(
-                        async move {
-                            if let Err(message) = hand_to_scheduler(&bus, &submit).await {
-                                let id = Some(submit.request_id.clone());
-                                let error = ErrorReply::new(id, ErrorKind::Unavailable, message);
-                                let _ = bus.publish_json(reply, &error).await;
+                ctx.spawn(
+                    async move {
+                        let to = reply.clone();
+                        let prepared = off_the_loop(permits, move || work.generate(&msg, &to)).await;
+                        let prepared =
+                            prepared.map_err(|m| (None, Rejection { kind: ErrorKind::Internal, message: m }));
+                        match prepared.and_then(|p| p) {
+                            Ok(submit) => {
+                                if let Err(message) = hand_to_scheduler(&bus, &submit).await {
+                                    let id = Some(submit.request_id.clone());
+                                    let error = ErrorReply::new(id, ErrorKind::Unavailable, message);
+                                    let _ = bus.publish_json(reply, &error).await;
+                                }
+                            }
+                            Err((request_id, r)) => {
+                                let _ = bus.publish_json(reply, &ErrorReply::new(request_id, r.kind, r.message)).await;
                             }
                         }
-                        .into_actor(self),
-                    ),
-                    Err((request_id, r)) => ctx.spawn(
-                        async move {
-                            let _ = bus.publish_json(reply, &ErrorReply::new(request_id, r.kind, r.message)).await;
-                        }
-                        .into_actor(self),
-                    ),
-                };
+                    }
+                    .into_actor(self),
+                );
             }
             Incoming::Tokenize(msg) | Incoming::Detokenize(msg) | Incoming::Models(msg) => {
                 let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else { return };
-                let started = Instant::now();
-                let answer = if msg.subject.as_str() == bus.subjects.tokenize() {
-                    let answer = self.tokenize(&msg.payload);
-                    self.observe("tokenize", started);
-                    answer
-                } else if msg.subject.as_str() == bus.subjects.detokenize() {
-                    let answer = self.detokenize(&msg.payload);
-                    self.observe("detokenize", started);
-                    answer
-                } else {
-                    self.models()
-                };
+                let subjects = bus.subjects.clone();
                 ctx.spawn(
                     async move {
+                        let answer = off_the_loop(permits, move || work.answer(&msg, &subjects))
+                            .await
+                            .unwrap_or_else(|m| error_value(Rejection { kind: ErrorKind::Internal, message: m }));
                         let _ = bus.publish_json(reply, &answer).await;
                     }
                     .into_actor(self),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::StreamExt;
-use pagemesh_shared::limits;
+use pagemesh_shared::limits::{self, MAX_OPEN_STREAMS};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
     AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, DetokenizerMessage, ErrorKind, ErrorReply, Heartbeat,
@@ -18,11 +18,8 @@ use pagemesh_shared::protocol::{
 use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
 
-use crate::bus::{decode, Bus};
-use crate::refusals::refuse;
-
-/// Most request streams one detokenizer serves at once.
-pub const MAX_OPEN_STREAMS: usize = 1 << 16;
+use pagemesh_bus::bus::{decode, Bus};
+use pagemesh_bus::refusals::refuse;
 
 /// How often a detokenizer announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
@@ -441,7 +438,7 @@ impl Actor for DetokenizerService {
             self.finished_counter(reason).absolute(0);
         }
         metrics::counter!(names::REQUESTS_ABORTED, labels::MODEL => self.model.clone()).absolute(0);
-        crate::refusals::register("detokenizer", &["event", "scheduler_heartbeat", "stream_report"]);
+        pagemesh_bus::refusals::register("detokenizer", &["event", "scheduler_heartbeat", "stream_report"]);
     }
 }
 

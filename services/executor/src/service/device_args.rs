@@ -1,13 +1,13 @@
 //! `--device`: what runs an executor's steps (the CPU backend, a CUDA GPU, or the `sim`
 //! backend), and the backend built from it.
 
+use crate::ModelConfig;
 use clap::Args;
-use pagemesh_executor::ModelConfig;
 use pagemesh_shared::EngineConfig;
 
+use super::actor::StepBackend;
+use super::sim_executor::{sim_backend, SimArgs};
 use crate::engine_args::EngineArgs;
-use crate::executor_service::StepBackend;
-use crate::sim_executor::{sim_backend, SimArgs};
 
 /// The device flags of `pagemesh executor` and `pagemesh serve`.
 #[derive(Args, Debug, Clone)]
@@ -41,7 +41,7 @@ impl DeviceArgs {
                 let num_host_blocks = args.num_host_blocks.unwrap_or(num_host_blocks);
                 Ok((Box::new(backend), EngineConfig { num_device_blocks, num_host_blocks, ..base }))
             }
-            "cuda" => crate::cuda_device::cuda_executor(args),
+            "cuda" => super::cuda_device::cuda_executor(args),
             other => Err(format!("unknown --device {other} (this build supports: cpu, cuda, sim)")),
         }
     }

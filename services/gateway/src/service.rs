@@ -20,11 +20,11 @@ use pagemesh_shared::FinishReason;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::bus::{new_id, Bus};
 use crate::chunk_streams::{self, ChunkStream};
 use crate::http_guard;
 use crate::openai_logprobs::{chat_logprobs, completion_logprobs};
 use crate::openai_request::{parse_object, to_generate, ApiError, Endpoint};
+use pagemesh_bus::bus::{new_id, Bus};
 
 /// Longest wait for a control answer (models, tokenize, health).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -482,7 +482,7 @@ pub async fn count_requests(
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/completions", web::post().to(completions))
-        .route("/metrics", web::get().to(crate::metrics_endpoint::render))
+        .route("/metrics", web::get().to(pagemesh_bus::metrics_endpoint::render))
         .route("/v1/chat/completions", web::post().to(chat_completions))
         .route("/v1/models", web::get().to(models))
         .route("/tokenize", web::post().to(tokenize))

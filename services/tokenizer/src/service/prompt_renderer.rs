@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
+use crate::{ChatMessage, ChatTemplate, TextTokenizer};
 use pagemesh_shared::protocol::Message;
-use pagemesh_tokenizer::{ChatMessage, ChatTemplate, TextTokenizer};
 
 /// Renders chat messages with the model's template.
 pub struct PromptRenderer {

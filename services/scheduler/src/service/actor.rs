@@ -12,25 +12,25 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use crate::{AdmissionError, NewRequest, RequestEvent, Scheduler};
 use actix::prelude::*;
 use futures::StreamExt;
-use pagemesh_scheduler::{AdmissionError, NewRequest, RequestEvent, Scheduler};
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::protocol::{
     AbortRequest, DetokenizerAck, DetokenizerEvent, DetokenizerMessage, ErrorKind, ErrorReply, ExecutorRegistration,
-    Heartbeat, OpenRequest, ResumePoint, SchedulerHeartbeat, StepReply, StepRequest, StreamReport, StreamReportRequest,
-    StreamState, SubmitAck, SubmitRequest, TokenEvent,
+    Heartbeat, OpenRequest, ResumePoint, SchedulerHeartbeat, StepReply, StepRequest, StepResponse, StreamReport,
+    StreamReportRequest, StreamState, SubmitAck, SubmitRequest, TokenEvent,
 };
 use pagemesh_shared::{EngineConfig, FinishReason};
 use pagemesh_shared::{SampledToken, SeqId};
 use serde_json::json;
 
-use crate::bus::{decode, Bus, BusError, OrderedPublisher};
-use crate::early_aborts::EarlyAborts;
-use crate::fair_queue::FairQueue;
-use crate::leadership::{Decision, Leadership, Rank};
-use crate::refusals::refuse;
-use crate::scheduler_metrics::{ExecutorMetrics, ModelMetrics, RequestTiming};
+use super::early_aborts::EarlyAborts;
+use super::fair_queue::FairQueue;
+use super::leadership::{Decision, Leadership, Rank};
+use super::metrics::{ExecutorMetrics, ModelMetrics, RequestTiming};
+use pagemesh_bus::bus::{decode, Bus, BusError, OrderedPublisher};
+use pagemesh_bus::refusals::refuse;
 
 /// Limits and timeouts of the scheduler service.
 #[derive(Debug, Clone)]
@@ -62,7 +62,11 @@ struct ExecutorSlot {
     /// What the executor declared (to start its core afresh after a failed step).
     registration: ExecutorRegistration,
     last_seen: Instant,
-    in_flight: bool,
+    /// This slot's life within the scheduler (a fresh number each time an executor is added,
+    /// even under the same id): answers to steps of an earlier slot are dropped.
+    generation: u64,
+    /// The step awaited (its number), if any.
+    in_flight: Option<u64>,
     /// The requests of the step in flight: a step that fails is blamed on them.
     in_flight_requests: Vec<String>,
     metrics: ExecutorMetrics,
@@ -151,8 +155,15 @@ pub struct SchedulerService {
     /// taken round robin across clients.
     unplaced: FairQueue<(String, Instant)>,
     next_detokenizer: usize,
-    /// Executors recently dropped: heartbeats still in flight from them are ignored.
-    lost: HashMap<String, Instant>,
+    /// Executors recently dropped, with the incarnation dropped: its heartbeats still in
+    /// flight are ignored for a while (a new incarnation is taken at once).
+    lost: HashMap<String, (Instant, u64)>,
+    /// The next executor slot's generation.
+    next_generation: u64,
+    /// The next step's number.
+    next_step: u64,
+    /// Step answers dropped as late so far.
+    stale_replies: u64,
     /// Requests moved off lost executors so far.
     migrated: u64,
     /// Aborts that came before their request.
@@ -193,7 +204,7 @@ fn abort_authority(
     subjects: &pagemesh_shared::subjects::Subjects,
 ) -> Option<Option<String>> {
     let public = msg.subject.as_str() == subjects.abort();
-    public.then(|| crate::bus::requester_account(msg))
+    public.then(|| pagemesh_bus::bus::requester_account(msg))
 }
 
 /// How an abort for a request that has not arrived yet is remembered: with the account it
@@ -205,7 +216,7 @@ fn abort_key(owner: Option<&str>, request_id: &str) -> String {
 /// Most pages of streams one detokenizer may report.
 const MAX_REPORT_PAGES: usize = 4096;
 /// Most streams adopted from one detokenizer (what one detokenizer holds at most).
-const MAX_ADOPTED_STREAMS: usize = crate::detokenizer_service::MAX_OPEN_STREAMS;
+const MAX_ADOPTED_STREAMS: usize = pagemesh_shared::limits::MAX_OPEN_STREAMS;
 /// Longest wait for one page of a stream report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -244,13 +255,17 @@ async fn collect_streams(
 #[rtype(result = "()")]
 struct StepDone {
     executor: String,
-    result: Result<StepReply, BusError>,
+    /// The slot generation the step was sent to.
+    generation: u64,
+    /// The step's number.
+    step: u64,
+    result: Result<StepResponse, BusError>,
 }
 
 impl SchedulerService {
     /// A scheduler service.
     pub fn new(bus: Bus, config: SchedulerConfig) -> Self {
-        let id = crate::bus::new_id();
+        let id = pagemesh_bus::bus::new_id();
         let heartbeat_timeout = config.heartbeat_timeout;
         let started_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -267,6 +282,9 @@ impl SchedulerService {
             unplaced: FairQueue::default(),
             next_detokenizer: 0,
             lost: HashMap::new(),
+            next_generation: 0,
+            next_step: 0,
+            stale_replies: 0,
             migrated: 0,
             early_aborts: EarlyAborts::default(),
             recent_submits: EarlyAborts::default(),
@@ -527,14 +545,23 @@ impl SchedulerService {
         }
     }
 
+    /// Counts a step answer dropped as late.
+    fn stale_reply(&mut self) {
+        self.stale_replies += 1;
+        self.metrics.stale_step_reply();
+    }
+
     /// Starts the executor's next step if it has none in flight and work to do.
     fn drive(&mut self, executor: &str, ctx: &mut Context<Self>) {
         let Some(slot) = self.executors.get_mut(executor) else { return };
-        if slot.in_flight {
+        if slot.in_flight.is_some() {
             return;
         }
         let Some(plan) = slot.core.schedule() else { return };
-        slot.in_flight = true;
+        self.next_step += 1;
+        let step = self.next_step;
+        slot.in_flight = Some(step);
+        let (generation, incarnation) = (slot.generation, slot.registration.incarnation);
         slot.metrics.step_sent(&plan);
         slot.in_flight_requests.clear();
         let now = Instant::now();
@@ -553,8 +580,9 @@ impl SchedulerService {
         let executor = executor.to_string();
         ctx.spawn(
             async move {
-                let result = bus.request_json::<_, StepReply>(subject, &StepRequest { plan }, timeout).await;
-                StepDone { executor, result }
+                let request = StepRequest { incarnation, step, plan };
+                let result = bus.request_json::<_, StepResponse>(subject, &request, timeout).await;
+                StepDone { executor, generation, step, result }
             }
             .into_actor(self)
             .map(|done, _, ctx| ctx.notify(done)),
@@ -604,10 +632,33 @@ impl SchedulerService {
     }
 
     fn on_step_done(&mut self, done: StepDone, ctx: &mut Context<Self>) {
+        let awaited = self
+            .executors
+            .get(&done.executor)
+            .is_some_and(|slot| slot.generation == done.generation && slot.in_flight == Some(done.step));
+        if !awaited {
+            // The answer (or the timeout) of a step sent to an executor slot that is gone: a
+            // late answer must not touch the slot now under that name.
+            self.stale_reply();
+            return;
+        }
         let Some(slot) = self.executors.get_mut(&done.executor) else { return };
-        match done.result {
+        let result = match done.result {
+            Ok(response) if response.incarnation != slot.registration.incarnation || response.step != done.step => {
+                eprintln!(
+                    "scheduler: executor {} answered as incarnation {} (registered as {}): it restarted",
+                    done.executor, response.incarnation, slot.registration.incarnation
+                );
+                self.stale_reply();
+                self.lose_executor(&done.executor, ctx);
+                return;
+            }
+            Ok(response) => Ok(response.reply),
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(StepReply::Done(output)) => {
-                slot.in_flight = false;
+                slot.in_flight = None;
                 let events = slot.core.process_output(&output);
                 slot.metrics.step_done(&slot.core);
                 slot.metrics.generated(output.results.iter().map(|r| r.samples.len()).sum());
@@ -672,7 +723,7 @@ impl SchedulerService {
     fn lose_executor(&mut self, executor: &str, ctx: &mut Context<Self>) {
         let Some(slot) = self.executors.remove(executor) else { return };
         self.metrics.executor_lost();
-        self.lost.insert(executor.to_string(), Instant::now());
+        self.lost.insert(executor.to_string(), (Instant::now(), slot.registration.incarnation));
         eprintln!("scheduler: executor {executor} is gone; moving its requests");
         let moved = self.requests_on(executor);
         slot.metrics.lost(moved.len());
@@ -811,16 +862,28 @@ impl SchedulerService {
             return;
         }
         let now = Instant::now();
-        if let Some(slot) = self.executors.get_mut(&registration.executor_id) {
-            slot.last_seen = now;
-            return;
+        match self.executors.get_mut(&registration.executor_id) {
+            Some(slot) if slot.registration.incarnation == registration.incarnation => {
+                slot.last_seen = now;
+                return;
+            }
+            Some(_) => {
+                // The same id, another life: the executor restarted and its KV cache is gone.
+                eprintln!("scheduler: executor {} restarted", registration.executor_id);
+                self.lose_executor(&registration.executor_id, ctx);
+            }
+            None => {}
         }
         let quarantine = 2 * self.config.heartbeat_timeout;
-        if self.lost.get(&registration.executor_id).is_some_and(|at| now - *at < quarantine) {
+        let quarantined = self
+            .lost
+            .get(&registration.executor_id)
+            .is_some_and(|(at, incarnation)| *incarnation == registration.incarnation && now - *at < quarantine);
+        if quarantined {
             return;
         }
         let config = self.engine_config(&registration);
-        if let Err(e) = pagemesh_scheduler::validate_config(&config) {
+        if let Err(e) = crate::validate_config(&config) {
             refuse("scheduler", "executor_heartbeat", &format!("executor {}: {e}", registration.executor_id));
             return;
         }
@@ -840,11 +903,13 @@ impl SchedulerService {
         let slot = ExecutorSlot {
             core: Scheduler::new(self.engine_config(&registration), self.config.eos_token_ids.clone()),
             last_seen: now,
-            in_flight: false,
+            generation: self.next_generation,
+            in_flight: None,
             in_flight_requests: Vec::new(),
             metrics: ExecutorMetrics::new(&self.config.model, &registration.executor_id),
             registration: registration.clone(),
         };
+        self.next_generation += 1;
         self.executors.insert(registration.executor_id, slot);
     }
 
@@ -878,7 +943,7 @@ impl SchedulerService {
             self.lose_executor(&id, ctx);
         }
         let quarantine = 2 * timeout;
-        self.lost.retain(|_, at| now - *at < quarantine);
+        self.lost.retain(|_, (at, _)| now - *at < quarantine);
         let gone: Vec<String> = self
             .detokenizers
             .iter()
@@ -1001,7 +1066,8 @@ impl SchedulerService {
             .collect();
         json!({"model": self.config.model, "scheduler": self.id, "term": self.leadership.term(),
                "executors": executors, "detokenizers": self.detokenizers.len(),
-               "requests": self.requests.len(), "unplaced": self.unplaced.len(), "migrated_requests": self.migrated})
+               "requests": self.requests.len(), "unplaced": self.unplaced.len(), "migrated_requests": self.migrated,
+               "stale_step_replies": self.stale_replies})
     }
 }
 
@@ -1039,7 +1105,7 @@ impl Actor for SchedulerService {
         );
         ctx.run_interval(Duration::from_millis(200), |act, ctx| act.tick(ctx));
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
-        crate::refusals::register(
+        pagemesh_bus::refusals::register(
             "scheduler",
             &[
                 "submit",

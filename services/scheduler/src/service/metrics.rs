@@ -8,8 +8,8 @@
 
 use std::time::Instant;
 
+use crate::{Scheduler, SchedulerStats};
 use metrics::{Counter, Gauge, Histogram, Label};
-use pagemesh_scheduler::{Scheduler, SchedulerStats};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::ErrorKind;
 use pagemesh_shared::StepPlan;
@@ -168,6 +168,7 @@ pub struct ModelMetrics {
     aborted: Counter,
     rejected: Counter,
     executors_lost: Counter,
+    stale_step_replies: Counter,
     executors: Gauge,
     detokenizers: Gauge,
     unplaced: Gauge,
@@ -189,14 +190,16 @@ impl ModelMetrics {
             ErrorKind::Unavailable,
             ErrorKind::Internal,
         ] {
-            error_counter(model, kind).absolute(0);
+            pagemesh_bus::metrics_endpoint::error_counter(model, kind).absolute(0);
         }
+        metrics::counter!(names::STALE_STEP_REPLIES, &l()).absolute(0);
         Self {
             model: model.to_string(),
             received: metrics::counter!(names::REQUESTS_RECEIVED, &l()),
             aborted: metrics::counter!(names::REQUESTS_ABORTED, &l()),
             rejected: metrics::counter!(names::REQUESTS_REJECTED, &l()),
             executors_lost: metrics::counter!(names::EXECUTORS_LOST, &l()),
+            stale_step_replies: metrics::counter!(names::STALE_STEP_REPLIES, &l()),
             executors: metrics::gauge!(names::EXECUTORS, &l()),
             detokenizers: metrics::gauge!(names::DETOKENIZERS, &l()),
             unplaced: metrics::gauge!(names::REQUESTS_UNPLACED, &l()),
@@ -223,7 +226,7 @@ impl ModelMetrics {
         if kind == ErrorKind::Overloaded {
             self.rejected.increment(1);
         }
-        request_error(&self.model, kind);
+        pagemesh_bus::metrics_endpoint::request_error(&self.model, kind);
     }
 
     /// A request ended aborted before it was scheduled (its abort came first).
@@ -236,22 +239,17 @@ impl ModelMetrics {
         self.executors_lost.increment(1);
     }
 
+    /// A step answer came too late (from an earlier slot or incarnation) and was dropped.
+    pub fn stale_step_reply(&self) {
+        self.stale_step_replies.increment(1);
+    }
+
     /// Registered executors and detokenizers, and requests with nowhere to run.
     pub fn population(&self, executors: usize, detokenizers: usize, unplaced: usize) {
         self.executors.set(executors as f64);
         self.detokenizers.set(detokenizers as f64);
         self.unplaced.set(unplaced as f64);
     }
-}
-
-fn error_counter(model: &str, kind: ErrorKind) -> Counter {
-    let kind = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-    metrics::counter!(names::REQUEST_ERRORS, labels::MODEL => model.to_string(), labels::KIND => kind)
-}
-
-/// Counts an error reply of `kind` for `model`.
-pub fn request_error(model: &str, kind: ErrorKind) {
-    error_counter(model, kind).increment(1);
 }
 
 /// A request's milestones, for its latency histograms.
@@ -301,7 +299,7 @@ impl RequestTiming {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics_endpoint::local_recorder;
+    use pagemesh_bus::metrics_endpoint::local_recorder;
 
     #[test]
     fn request_milestones_feed_the_latency_histograms() {

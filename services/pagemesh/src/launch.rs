@@ -16,17 +16,17 @@ use pagemesh_shared::protocol::ExecutorRegistration;
 use pagemesh_shared::EngineConfig;
 use pagemesh_tokenizer::TextTokenizer;
 
-use crate::bus::{new_id, Bus, NatsOptions};
-use crate::chat::PromptRenderer;
-use crate::detokenizer_service::DetokenizerService;
-use crate::device_args::DeviceArgs;
-use crate::engine_args::{eos_token_ids, EngineArgs};
-use crate::executor_service::ExecutorService;
-use crate::gateway::{configure, count_requests, GatewayState};
-use crate::metrics_endpoint::MetricsArgs;
-use crate::nats_auth::{self, Role};
-use crate::scheduler_service::{SchedulerConfig, SchedulerService};
-use crate::tokenizer_service::{ModelInfo, TokenizerService};
+use pagemesh_bus::bus::{new_id, Bus, NatsOptions};
+use pagemesh_bus::metrics_endpoint::MetricsArgs;
+use pagemesh_bus::nats_auth::{self, Role};
+use pagemesh_detokenizer::service::DetokenizerService;
+use pagemesh_executor::engine_args::{eos_token_ids, EngineArgs};
+use pagemesh_executor::service::actor::ExecutorService;
+use pagemesh_executor::service::device_args::DeviceArgs;
+use pagemesh_gateway::service::{configure, count_requests, GatewayState};
+use pagemesh_scheduler::service::actor::{SchedulerConfig, SchedulerService};
+use pagemesh_tokenizer::service::actor::{ModelInfo, TokenizerService};
+use pagemesh_tokenizer::service::prompt_renderer::PromptRenderer;
 
 /// How to reach NATS.
 #[derive(Args, Debug, Clone)]
@@ -272,6 +272,8 @@ fn start_executor(
         block_size: config.block_size,
         num_device_blocks: config.num_device_blocks,
         num_host_blocks: config.num_host_blocks,
+        incarnation: rand::random::<u64>(),
+        protocol_version: pagemesh_shared::protocol::INTERNAL_PROTOCOL_VERSION,
     };
     eprintln!(
         "executor {} serving {model} on {} ({} device blocks)",
@@ -325,10 +327,10 @@ async fn run_gateway(bus: Bus, http: &HttpArgs) -> Result<(), String> {
         max_fanout: http.max_fanout.max(1),
     });
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let fd_limit = crate::http_guard::raise_fd_limit();
+    let fd_limit = pagemesh_gateway::http_guard::raise_fd_limit();
     let per_worker = match http.max_connections {
         Some(total) => total.div_ceil(workers).max(1),
-        None => crate::http_guard::connections_per_worker(fd_limit, workers),
+        None => pagemesh_gateway::http_guard::connections_per_worker(fd_limit, workers),
     };
     let server = HttpServer::new(move || {
         App::new().app_data(state.clone()).wrap(actix_web::middleware::from_fn(count_requests)).configure(configure)
@@ -339,7 +341,7 @@ async fn run_gateway(bus: Bus, http: &HttpArgs) -> Result<(), String> {
     .client_request_timeout(Duration::from_secs(5))
     .client_disconnect_timeout(Duration::from_secs(2))
     .keep_alive(Duration::from_secs(15))
-    .on_connect(crate::http_guard::record_socket)
+    .on_connect(pagemesh_gateway::http_guard::record_socket)
     .bind((http.host.as_str(), http.port))
     .map_err(|e| format!("cannot listen on {}:{}: {e}", http.host, http.port))?;
     eprintln!("gateway listening on http://{}:{}", http.host, http.port);
@@ -393,12 +395,12 @@ fn in_system_then(
 
 /// `pagemesh executor`.
 pub fn executor(mut args: ExecutorArgs) -> Result<(), String> {
-    crate::cuda_device::check_device(&args.device.device, &args.engine)?;
+    pagemesh_executor::service::cuda_device::check_device(&args.device.device, &args.engine)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);
     args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     in_system(async move {
-        crate::metrics_endpoint::start(&args.metrics, "executor")?;
+        pagemesh_bus::metrics_endpoint::start(&args.metrics, "executor")?;
         let bus = connect(&args.nats, Role::Executor).await?;
         start_executor(bus, &args.engine, &args.device, &name, args.executor_id.clone())?;
         wait_forever().await
@@ -411,7 +413,7 @@ pub fn scheduler(mut args: SchedulerArgs) -> Result<(), String> {
     args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     let config = scheduler_config(&args.engine, &args.limits, &name)?;
     in_system(async move {
-        crate::metrics_endpoint::start(&args.metrics, "scheduler")?;
+        pagemesh_bus::metrics_endpoint::start(&args.metrics, "scheduler")?;
         let bus = connect(&args.nats, Role::Scheduler).await?;
         SchedulerService::new(bus, config).start();
         wait_forever().await
@@ -423,7 +425,7 @@ pub fn tokenizer(mut args: TokenizerArgs) -> Result<(), String> {
     let name = served_name(&args.served_model_name, &args.model);
     args.model = crate::model_hub::resolve(&args.model)?;
     in_system(async move {
-        crate::metrics_endpoint::start(&args.metrics, "tokenizer")?;
+        pagemesh_bus::metrics_endpoint::start(&args.metrics, "tokenizer")?;
         let bus = connect(&args.nats, Role::Tokenizer).await?;
         tokenizer_service(bus, &args.model, &name, args.max_model_len)?.start();
         wait_forever().await
@@ -436,7 +438,7 @@ pub fn detokenizer(mut args: DetokenizerArgs) -> Result<(), String> {
     args.model = crate::model_hub::resolve(&args.model)?;
     let tokenizer = Arc::new(TextTokenizer::load(&args.model).map_err(|e| e.to_string())?);
     in_system(async move {
-        crate::metrics_endpoint::start(&args.metrics, "detokenizer")?;
+        pagemesh_bus::metrics_endpoint::start(&args.metrics, "detokenizer")?;
         let bus = connect(&args.nats, Role::Detokenizer).await?;
         let id = args.detokenizer_id.clone().unwrap_or_else(new_id);
         pagemesh_shared::limits::check_instance_id(&id).map_err(|e| format!("--detokenizer-id: {e}"))?;
@@ -449,7 +451,7 @@ pub fn detokenizer(mut args: DetokenizerArgs) -> Result<(), String> {
 /// `pagemesh gateway`.
 pub fn gateway(args: GatewayArgs) -> Result<(), String> {
     in_system(async move {
-        crate::metrics_endpoint::start(&args.metrics, "gateway")?;
+        pagemesh_bus::metrics_endpoint::start(&args.metrics, "gateway")?;
         let bus = connect(&args.nats, Role::Gateway).await?;
         run_gateway(bus, &args.http).await
     })
@@ -562,7 +564,7 @@ fn ensure_nats(nats: &mut NatsArgs, allowed: bool, insecure: bool) -> Result<Opt
 
 /// `pagemesh serve`: all five services in one process.
 pub fn serve(mut args: ServeArgs) -> Result<(), String> {
-    crate::cuda_device::check_device(&args.device.device, &args.engine)?;
+    pagemesh_executor::service::cuda_device::check_device(&args.device.device, &args.engine)?;
     let nats_server = ensure_nats(&mut args.nats, !args.no_start_nats, args.insecure_open_bus)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);
@@ -570,7 +572,7 @@ pub fn serve(mut args: ServeArgs) -> Result<(), String> {
     let config = scheduler_config(&args.engine, &args.limits, &name)?;
     let detok_tokenizer = Arc::new(TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?);
     let services = async move {
-        crate::metrics_endpoint::start(&args.metrics, "serve")?;
+        pagemesh_bus::metrics_endpoint::start(&args.metrics, "serve")?;
         // One connection per role, each with its own permissions when the bus has them.
         SchedulerService::new(connect(&args.nats, Role::Scheduler).await?, config).start();
         let bus = connect(&args.nats, Role::Tokenizer).await?;

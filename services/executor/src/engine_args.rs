@@ -3,10 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::cpu::model::LlamaModel;
+use crate::{CacheConfig, Executor, ModelConfig, WeightDtype};
 use clap::Args;
-use pagemesh_engine::Engine;
-use pagemesh_executor::cpu::model::LlamaModel;
-use pagemesh_executor::{CacheConfig, Executor, ModelConfig, WeightDtype};
 use pagemesh_shared::{EngineConfig, KvAllocation, PreemptionMode};
 
 /// How to load the model and size the engine.
@@ -124,18 +123,10 @@ impl EngineArgs {
         };
         Ok((Executor::new(model, cache), config))
     }
-
-    /// Sets the threads, loads the model and builds an in-process engine.
-    pub fn build(&self) -> Result<Engine, String> {
-        self.set_threads()?;
-        let (executor, config) = self.load_executor()?;
-        let eos = eos_token_ids(&self.model, &executor.model().config.eos_token_ids)?;
-        Ok(Engine::new(executor, config, eos))
-    }
 }
 
 /// The model's eos ids: generation_config.json's, else config.json's.
 pub fn eos_token_ids(model_dir: &Path, from_config: &[u32]) -> Result<Vec<u32>, String> {
-    let from_generation = pagemesh_executor::config::generation_eos_ids(model_dir).map_err(|e| e.to_string())?;
+    let from_generation = crate::config::generation_eos_ids(model_dir).map_err(|e| e.to_string())?;
     Ok(from_generation.filter(|ids| !ids.is_empty()).unwrap_or_else(|| from_config.to_vec()))
 }

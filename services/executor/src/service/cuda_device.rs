@@ -3,12 +3,12 @@
 //! driver, cuBLAS or a GPU gets a clear error and a non-zero exit, never a panic; and the
 //! executor on the GPU as a step backend.
 
-use pagemesh_executor::gpu::device::{probe_cuda, Device};
-use pagemesh_executor::gpu::{CudaExecutor, CudaExecutorConfig};
+use crate::gpu::device::{probe_cuda, Device};
+use crate::gpu::{CudaExecutor, CudaExecutorConfig};
 use pagemesh_shared::{EngineConfig, StepOutput, StepPlan};
 
+use super::actor::StepBackend;
 use crate::engine_args::EngineArgs;
-use crate::executor_service::StepBackend;
 
 /// Checks the device flags before anything starts: for `cuda`, the memory fraction and that
 /// the driver, cuBLAS and a GPU are there.
@@ -37,7 +37,7 @@ impl StepBackend for CudaExecutor {
 /// The executor on GPU 0 and its engine config (pool sizes as the GPU allows).
 pub fn cuda_executor(args: &EngineArgs) -> Result<(Box<dyn StepBackend>, EngineConfig), String> {
     check_utilization(args.gpu_memory_utilization)?;
-    let model_config = pagemesh_executor::ModelConfig::load(&args.model).map_err(|e| e.to_string())?;
+    let model_config = crate::ModelConfig::load(&args.model).map_err(|e| e.to_string())?;
     let base = args.engine_config(&model_config)?;
     let cfg = CudaExecutorConfig {
         model_dir: args.model.clone(),

@@ -12,6 +12,7 @@ use clap::Args;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use metrics_util::MetricKindMask;
 use pagemesh_shared::metrics::{self as names, labels, MetricKind};
+use pagemesh_shared::protocol::ErrorKind;
 
 /// Gauges not set for this long (those of a lost executor) leave the output.
 const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -117,6 +118,17 @@ pub fn start(args: &MetricsArgs, service: &str) -> Result<(), String> {
         }
     });
     Ok(())
+}
+
+/// The error counter of `model` for errors of `kind`.
+pub fn error_counter(model: &str, kind: ErrorKind) -> metrics::Counter {
+    let kind = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    metrics::counter!(names::REQUEST_ERRORS, labels::MODEL => model.to_string(), labels::KIND => kind)
+}
+
+/// Counts an error reply of `kind` for `model`.
+pub fn request_error(model: &str, kind: ErrorKind) {
+    error_counter(model, kind).increment(1);
 }
 
 #[cfg(test)]

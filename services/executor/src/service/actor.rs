@@ -6,14 +6,14 @@
 
 use std::time::{Duration, Instant};
 
+use crate::Executor;
 use actix::prelude::*;
 use futures::StreamExt;
-use pagemesh_executor::Executor;
 use pagemesh_shared::metrics::{self as names, labels};
-use pagemesh_shared::protocol::{ExecutorRegistration, StepReply, StepRequest};
+use pagemesh_shared::protocol::{ExecutorRegistration, StepReply, StepRequest, StepResponse};
 use pagemesh_shared::{SeqId, StepOutput, StepPlan};
 
-use crate::bus::{decode, Bus};
+use pagemesh_bus::bus::{decode, Bus};
 
 /// How often an executor announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
@@ -128,7 +128,7 @@ impl Actor for ExecutorService {
         }));
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
         self.announce(ctx);
-        crate::refusals::register("executor", &["step"]);
+        pagemesh_bus::refusals::register("executor", &["step"]);
     }
 }
 
@@ -154,16 +154,29 @@ impl StreamHandler<IncomingStep> for ExecutorService {
         let bus = self.bus.clone();
         let request = decode::<StepRequest>(msg.subject.as_str(), &msg.payload);
         if let Err(e) = &request {
-            crate::refusals::refuse("executor", "step", &e.to_string());
+            pagemesh_bus::refusals::refuse("executor", "step", &e.to_string());
         }
         let worker = self.worker.clone();
+        let incarnation = self.registration.incarnation;
         // The worker runs steps one at a time in arrival order; heartbeats go on meanwhile.
         ctx.spawn(
             async move {
-                let answer = match request {
-                    Ok(req) => worker.send(RunStep(req)).await.unwrap_or_else(|e| StepReply::Failed(e.to_string())),
-                    Err(e) => StepReply::Failed(e.to_string()),
+                let (step, outcome) = match request {
+                    // A step for an earlier life of this executor: its blocks are not here.
+                    Ok(req) if req.incarnation != incarnation => (
+                        req.step,
+                        StepReply::Failed(format!(
+                            "this step is for incarnation {}; this executor is incarnation {incarnation}",
+                            req.incarnation
+                        )),
+                    ),
+                    Ok(req) => {
+                        let step = req.step;
+                        (step, worker.send(RunStep(req)).await.unwrap_or_else(|e| StepReply::Failed(e.to_string())))
+                    }
+                    Err(e) => (0, StepReply::Failed(e.to_string())),
                 };
+                let answer = StepResponse { incarnation, step, reply: outcome };
                 if let Err(e) = bus.publish_json(reply.to_string(), &answer).await {
                     eprintln!("executor: cannot answer a step: {e}");
                 }

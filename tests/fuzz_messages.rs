@@ -14,7 +14,8 @@ use pagemesh_scheduler::{NewRequest, Scheduler};
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::protocol::{
     AbortRequest, DetokenizerAck, DetokenizerMessage, ExecutorRegistration, GenerateRequest, Heartbeat,
-    SchedulerHeartbeat, StepReply, StepRequest, StreamReport, StreamReportRequest, SubmitAck, SubmitRequest,
+    SchedulerHeartbeat, StepReply, StepRequest, StepResponse, StreamReport, StreamReportRequest, SubmitAck,
+    SubmitRequest,
 };
 use pagemesh_shared::{EngineConfig, StepOutput};
 use rand::rngs::StdRng;
@@ -39,7 +40,8 @@ fn templates() -> Vec<(&'static str, Value)> {
         (
             "registration",
             json!({"executor_id": "e1", "model": "m", "block_size": 4, "num_device_blocks": 64,
-                                "num_host_blocks": 16}),
+                                "num_host_blocks": 16, "incarnation": 9,
+                                "protocol_version": pagemesh_shared::protocol::INTERNAL_PROTOCOL_VERSION}),
         ),
         ("abort", json!({"request_id": "r1"})),
         ("heartbeat", json!({"id": "d1"})),
@@ -70,7 +72,7 @@ fn templates() -> Vec<(&'static str, Value)> {
         ),
         (
             "step",
-            json!({"plan": {"step_id": 1, "swap_out": [[1, 0]], "swap_in": [[0, 2]], "copy": [[3, 4]],
+            json!({"incarnation": 9, "step": 4, "plan": {"step_id": 1, "swap_out": [[1, 0]], "swap_in": [[0, 2]], "copy": [[3, 4]],
                                  "released": [9], "seqs": [{"seq_id": 1, "tokens": [5, 6], "start_pos": 2,
                                  "block_table": [0, 1], "history": [1, 2],
                                  "sample": {"params": params, "seed": 1, "sample_index": 0, "num_samples": 2,
@@ -78,8 +80,8 @@ fn templates() -> Vec<(&'static str, Value)> {
         ),
         (
             "step_reply",
-            json!({"Done": {"step_id": 1, "results": [{"seq_id": 1, "samples": [
-            {"token": 3, "logprob": null, "top_logprobs": []}]}]}}),
+            json!({"incarnation": 9, "step": 4, "reply": {"Done": {"step_id": 1, "results": [{"seq_id": 1,
+            "samples": [{"token": 3, "logprob": null, "top_logprobs": []}]}]}}}),
         ),
         ("generate", json!({"prompt": [1, 2, 3], "max_tokens": 4, "n": 1, "stop": ["a"], "stream": false})),
     ]
@@ -301,7 +303,7 @@ fn receive(kind: &str, bytes: &[u8]) -> Depth {
             Ok(step) => depth(true, validate_plan(&step.plan, &plan_limits()).is_ok()),
             Err(_) => Depth::Undecodable,
         },
-        "step_reply" => match serde_json::from_slice::<StepReply>(bytes) {
+        "step_reply" => match serde_json::from_slice::<StepResponse>(bytes).map(|r| r.reply) {
             Ok(StepReply::Done(output)) => {
                 // A reply naming sequences the core never scheduled changes nothing.
                 core().process_output(&output);

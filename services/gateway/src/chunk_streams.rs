@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt};
 use pagemesh_shared::protocol::{AbortRequest, Chunk, ErrorKind, ErrorReply, ReplyMessage, Usage};
 use serde_json::Value;
 
-use crate::bus::Bus;
+use pagemesh_bus::bus::Bus;
 
 /// Longest wait for a request's next chunk.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(600);

@@ -10,7 +10,7 @@ use clap::Args;
 use pagemesh_shared::{StepOutput, StepPlan};
 use pagemesh_sim::{presets, CostModel, SimExecutor};
 
-use crate::executor_service::StepBackend;
+use super::actor::StepBackend;
 
 /// Flags of the `sim` device.
 #[derive(Args, Debug, Clone)]

@@ -1,0 +1,13 @@
+//! The scheduler service: the actor that owns the block tables of every executor of one model
+//! and drives one continuous-batching loop per executor over NATS ([`actor`]), with its parts:
+//! round-robin admission across clients ([`fair_queue`]), the standby's terms
+//! ([`leadership`]), aborts that arrive before their request ([`early_aborts`]) and its
+//! Prometheus series ([`metrics`]).
+
+pub mod actor;
+pub mod early_aborts;
+pub mod fair_queue;
+pub mod leadership;
+pub mod metrics;
+
+pub use actor::{SchedulerConfig, SchedulerService};

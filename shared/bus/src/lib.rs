@@ -1,0 +1,12 @@
+//! The pagemesh services' side of NATS, shared by every service crate:
+//!
+//! * [`bus`]: the NATS client (connection, requests with explicit deadlines, ordered
+//!   publishing, link state);
+//! * [`nats_auth`]: accounts, NKeys and per-role permissions (`pagemesh nats-config`);
+//! * [`refusals`]: counting and logging invalid messages;
+//! * [`metrics_endpoint`]: each process's Prometheus recorder and `/metrics`.
+
+pub mod bus;
+pub mod metrics_endpoint;
+pub mod nats_auth;
+pub mod refusals;
