@@ -17,6 +17,8 @@ use pagemesh_shared::protocol::{
     SchedulerHeartbeat, StepReply, StepRequest, StepResponse, StreamReport, StreamReportRequest, SubmitAck,
     SubmitRequest,
 };
+use pagemesh_shared::step_delta::PlanMirror;
+use pagemesh_shared::wire::Encoding;
 use pagemesh_shared::{EngineConfig, StepOutput};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -72,9 +74,10 @@ fn templates() -> Vec<(&'static str, Value)> {
         ),
         (
             "step",
-            json!({"incarnation": 9, "step": 4, "plan": {"step_id": 1, "swap_out": [[1, 0]], "swap_in": [[0, 2]], "copy": [[3, 4]],
+            json!({"incarnation": 9, "step": 4, "session": 1, "plan": {"step_id": 1, "swap_out": [[1, 0]],
+                                 "swap_in": [[0, 2]], "copy": [[3, 4]],
                                  "released": [9], "seqs": [{"seq_id": 1, "tokens": [5, 6], "start_pos": 2,
-                                 "block_table": [0, 1], "history": [1, 2],
+                                 "block_table": [0, 1], "new_blocks": [2], "history": [1, 2],
                                  "sample": {"params": params, "seed": 1, "sample_index": 0, "num_samples": 2,
                                             "prompt_len": 3, "output_len": 1, "banned_tokens": [2]}}]}}),
         ),
@@ -263,47 +266,68 @@ fn depth(decoded: bool, valid: bool) -> Depth {
     }
 }
 
+/// How messages of `kind` travel: JSON on the public subjects, MessagePack on internal ones.
+fn encoding(kind: &str) -> Encoding {
+    if kind == "generate" {
+        Encoding::Json
+    } else {
+        Encoding::MessagePack
+    }
+}
+
+fn wire_encode(kind: &str, value: &Value) -> Vec<u8> {
+    encoding(kind).encode(value).expect("a value encodes")
+}
+
+fn wire_decode<T: serde::de::DeserializeOwned>(kind: &str, bytes: &[u8]) -> Result<T, String> {
+    encoding(kind).decode(bytes)
+}
+
 /// Decodes `bytes` as the message of kind `kind` and hands it to its receiver's checks and
 /// pure handler.
 fn receive(kind: &str, bytes: &[u8]) -> Depth {
     match kind {
-        "submit" => match serde_json::from_slice::<SubmitRequest>(bytes) {
+        "submit" => match wire_decode::<SubmitRequest>(kind, bytes) {
             Ok(submit) => depth(true, handle_submit(submit)),
             Err(_) => Depth::Undecodable,
         },
-        "registration" => match serde_json::from_slice::<ExecutorRegistration>(bytes) {
+        "registration" => match wire_decode::<ExecutorRegistration>(kind, bytes) {
             Ok(registration) => depth(true, handle_registration(registration)),
             Err(_) => Depth::Undecodable,
         },
-        "abort" => match serde_json::from_slice::<AbortRequest>(bytes) {
+        "abort" => match wire_decode::<AbortRequest>(kind, bytes) {
             Ok(abort) => depth(true, limits::check_request_id(&abort.request_id).is_ok()),
             Err(_) => Depth::Undecodable,
         },
-        "heartbeat" => match serde_json::from_slice::<Heartbeat>(bytes) {
+        "heartbeat" => match wire_decode::<Heartbeat>(kind, bytes) {
             Ok(beat) => depth(true, limits::check_instance_id(&beat.id).is_ok()),
             Err(_) => Depth::Undecodable,
         },
-        "scheduler_heartbeat" => depth(serde_json::from_slice::<SchedulerHeartbeat>(bytes).is_ok(), true),
-        "submit_ack" => depth(serde_json::from_slice::<SubmitAck>(bytes).is_ok(), true),
-        "ack" => match serde_json::from_slice::<DetokenizerAck>(bytes) {
+        "scheduler_heartbeat" => depth(wire_decode::<SchedulerHeartbeat>(kind, bytes).is_ok(), true),
+        "submit_ack" => depth(wire_decode::<SubmitAck>(kind, bytes).is_ok(), true),
+        "ack" => match wire_decode::<DetokenizerAck>(kind, bytes) {
             Ok(ack) => depth(true, limits::check_ack(&ack).is_ok()),
             Err(_) => Depth::Undecodable,
         },
-        "event" => match serde_json::from_slice::<DetokenizerMessage>(bytes) {
+        "event" => match wire_decode::<DetokenizerMessage>(kind, bytes) {
             Ok(message) => depth(true, limits::check_detokenizer_event(&message.event).is_ok()),
             Err(_) => Depth::Undecodable,
         },
-        "report_request" => depth(serde_json::from_slice::<StreamReportRequest>(bytes).is_ok(), true),
+        "report_request" => depth(wire_decode::<StreamReportRequest>(kind, bytes).is_ok(), true),
         // What a scheduler taking over keeps of a report: the streams that pass the check.
-        "report" => match serde_json::from_slice::<StreamReport>(bytes) {
+        "report" => match wire_decode::<StreamReport>(kind, bytes) {
             Ok(report) => depth(true, report.streams.iter().all(|s| MODEL.check_stream(s).is_ok())),
             Err(_) => Depth::Undecodable,
         },
-        "step" => match serde_json::from_slice::<StepRequest>(bytes) {
-            Ok(step) => depth(true, validate_plan(&step.plan, &plan_limits()).is_ok()),
+        // The executor's side of a step: the delta against a fresh session, then the plan check.
+        "step" => match wire_decode::<StepRequest>(kind, bytes) {
+            Ok(step) => match PlanMirror::new().decode(step.plan, limits::MAX_EXECUTOR_SEQUENCES) {
+                Ok(plan) => depth(true, validate_plan(&plan, &plan_limits()).is_ok()),
+                Err(_) => Depth::Refused,
+            },
             Err(_) => Depth::Undecodable,
         },
-        "step_reply" => match serde_json::from_slice::<StepResponse>(bytes).map(|r| r.reply) {
+        "step_reply" => match wire_decode::<StepResponse>(kind, bytes).map(|r| r.reply) {
             Ok(StepReply::Done(output)) => {
                 // A reply naming sequences the core never scheduled changes nothing.
                 core().process_output(&output);
@@ -312,7 +336,7 @@ fn receive(kind: &str, bytes: &[u8]) -> Depth {
             Ok(_) => Depth::Handled,
             Err(_) => Depth::Undecodable,
         },
-        "generate" => match serde_json::from_slice::<GenerateRequest>(bytes) {
+        "generate" => match wire_decode::<GenerateRequest>(kind, bytes) {
             Ok(request) => {
                 let params = &request.params;
                 depth(true, params.validate().and_then(|()| params.check_vocab(MODEL.vocab_size)).is_ok())
@@ -332,7 +356,7 @@ fn every_internal_message_survives_arbitrary_and_hostile_input() {
     let templates = templates();
     for (kind, value) in &templates {
         // The templates themselves are accepted: mutation starts from messages that get deep.
-        let bytes = serde_json::to_vec(value).expect("a template encodes");
+        let bytes = wire_encode(kind, value);
         assert_eq!(receive(kind, &bytes), Depth::Handled, "the {kind} template must be valid");
     }
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -344,7 +368,7 @@ fn every_internal_message_survives_arbitrary_and_hostile_input() {
             let bytes = match rng.gen_range(0..8) {
                 0 => (0..rng.gen_range(0..512)).map(|_| rng.gen::<u8>()).collect(),
                 1 => {
-                    let mut bytes = serde_json::to_vec(template).expect("a template encodes");
+                    let mut bytes = wire_encode(kind, template);
                     for _ in 0..rng.gen_range(1..4) {
                         let i = rng.gen_range(0..bytes.len());
                         bytes[i] = rng.gen();
@@ -356,7 +380,7 @@ fn every_internal_message_survives_arbitrary_and_hostile_input() {
                     for _ in 0..rng.gen_range(1..4) {
                         mutate(&mut value, &mut rng);
                     }
-                    serde_json::to_vec(&value).expect("a value encodes")
+                    wire_encode(kind, &value)
                 }
             };
             reached[receive(kind, &bytes) as usize] += 1;

@@ -7,7 +7,9 @@
 //! * [`output`]: what a request produces (tokens, logprobs, finish reasons).
 //! * [`limits`]: bounds every receiver checks on what arrives over NATS.
 //! * [`protocol`]: the messages that cross NATS, public (JSON) and internal (versioned).
-//! * [`subjects`]: the NATS subject names.
+//! * [`subjects`]: the NATS subjects, each with its message types ([`wire`]).
+//! * [`wire`]: typed topics and endpoints, and their encodings (JSON, MessagePack).
+//! * [`step_delta`]: the incremental form of step plans sent to executors.
 //! * [`metrics`]: the Prometheus metric names, labels and histogram buckets.
 
 pub mod config;
@@ -17,7 +19,9 @@ pub mod output;
 pub mod protocol;
 pub mod sampling;
 pub mod step;
+pub mod step_delta;
 pub mod subjects;
+pub mod wire;
 
 pub use config::{EngineConfig, KvAllocation, PreemptionMode};
 pub use output::{FinishReason, SampledToken};

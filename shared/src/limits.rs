@@ -24,6 +24,9 @@ pub const MAX_BLOCK_SIZE: usize = 1024;
 /// Longest token list (prompt, or a sample's tokens so far) any internal message may carry.
 pub const MAX_SEQUENCE_TOKENS: usize = 1 << 20;
 
+/// Most sequences an executor keeps what it was told of (parameters, block table) at once.
+pub const MAX_EXECUTOR_SEQUENCES: usize = 1 << 16;
+
 /// Most request streams one detokenizer serves at once (and a scheduler taking over adopts
 /// from one detokenizer's report).
 pub const MAX_OPEN_STREAMS: usize = 1 << 16;

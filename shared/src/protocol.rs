@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::output::{FinishReason, SampledToken};
 use crate::sampling::SamplingParams;
-use crate::step::{StepOutput, StepPlan};
+use crate::step::StepOutput;
 
 /// A chat message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -362,8 +362,12 @@ pub struct StepRequest {
     pub incarnation: u64,
     /// The step's number, unique within the scheduler; the answer repeats it.
     pub step: u64,
-    /// The plan.
-    pub plan: StepPlan,
+    /// The scheduler's session with this executor: the plan is a delta against what the
+    /// executor was told earlier in the same session ([`crate::step_delta`]); a new session
+    /// starts from nothing.
+    pub session: u64,
+    /// The plan, as a delta.
+    pub plan: crate::step_delta::PlanDelta,
 }
 
 /// Internal: an executor's answer to a [`StepRequest`], naming the incarnation that ran it

@@ -68,13 +68,24 @@ impl Default for SamplingParams {
 
 /// Reads `logit_bias` keys as token ids, whether the map comes straight from JSON or through
 /// a flattened request (where serde hands keys over as strings).
+/// (MessagePack, on internal subjects, keeps them as integers).
 fn logit_bias_from_json<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<u32, f32>, D::Error> {
-    let by_text = BTreeMap::<String, f32>::deserialize(deserializer)?;
-    by_text
+    /// A key as it arrives: a token id, or its decimal text.
+    #[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+    #[serde(untagged)]
+    enum TokenKey {
+        Id(u32),
+        Text(String),
+    }
+    let by_key = BTreeMap::<TokenKey, f32>::deserialize(deserializer)?;
+    by_key
         .into_iter()
-        .map(|(key, bias)| match key.trim().parse::<u32>() {
-            Ok(token) => Ok((token, bias)),
-            Err(_) => Err(serde::de::Error::custom(format!("logit_bias keys must be token ids, got `{key}`"))),
+        .map(|(key, bias)| match key {
+            TokenKey::Id(token) => Ok((token, bias)),
+            TokenKey::Text(text) => match text.trim().parse::<u32>() {
+                Ok(token) => Ok((token, bias)),
+                Err(_) => Err(serde::de::Error::custom(format!("logit_bias keys must be token ids, got `{text}`"))),
+            },
         })
         .collect()
 }

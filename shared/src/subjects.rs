@@ -1,7 +1,16 @@
-//! NATS subject names, all under one prefix (default `pagemesh`).
+//! The NATS subjects, all under one prefix (default `pagemesh`), each declared once with the
+//! types that travel on it ([`Topic`] for published messages, [`Endpoint`] for request/reply).
 //!
 //! Public subjects carry JSON and are documented in `docs/protocol.md`. Internal subjects carry
-//! the version of their protocol in their name (`<prefix>.v1.…`).
+//! MessagePack and the version of their protocol in their name (`<prefix>.v1.…`).
+
+use serde_json::Value;
+
+use crate::protocol::{
+    AbortRequest, DetokenizerAck, DetokenizerMessage, ExecutorRegistration, Heartbeat, SchedulerHeartbeat, StepRequest,
+    StepResponse, StreamReport, StreamReportRequest, SubmitAck, SubmitRequest,
+};
+use crate::wire::{Encoding, Endpoint, Topic};
 
 /// The subjects of one deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,69 +32,93 @@ impl Subjects {
         &self.prefix
     }
 
-    /// Public: a generation request; chunks go to its reply inbox.
-    pub fn generate(&self) -> String {
-        format!("{}.generate", self.prefix)
+    /// Public: a generation request (JSON, as `docs/protocol.md` describes it); chunks, or an
+    /// error, go to its reply inbox.
+    pub fn generate(&self) -> Topic<Value> {
+        self.public("generate")
     }
     /// Public: abort a request by id.
-    pub fn abort(&self) -> String {
-        format!("{}.abort", self.prefix)
+    pub fn abort(&self) -> Topic<AbortRequest> {
+        self.public("abort")
     }
     /// Public: text → ids.
-    pub fn tokenize(&self) -> String {
-        format!("{}.tokenize", self.prefix)
+    pub fn tokenize(&self) -> Endpoint<Value, Value> {
+        self.public_endpoint("tokenize")
     }
     /// Public: ids → text.
-    pub fn detokenize(&self) -> String {
-        format!("{}.detokenize", self.prefix)
+    pub fn detokenize(&self) -> Endpoint<Value, Value> {
+        self.public_endpoint("detokenize")
     }
     /// Public: the served models.
-    pub fn models(&self) -> String {
-        format!("{}.models", self.prefix)
+    pub fn models(&self) -> Endpoint<Value, Value> {
+        self.public_endpoint("models")
     }
     /// Public: liveness and readiness.
-    pub fn health(&self) -> String {
-        format!("{}.health", self.prefix)
+    pub fn health(&self) -> Endpoint<Value, Value> {
+        self.public_endpoint("health")
     }
     /// Public: scheduler statistics (queues, block usage per executor).
-    pub fn stats(&self) -> String {
-        format!("{}.stats", self.prefix)
+    pub fn stats(&self) -> Endpoint<Value, Value> {
+        self.public_endpoint("stats")
     }
-    /// Internal: tokenized requests for the scheduler.
-    pub fn submit(&self) -> String {
-        format!("{}.v1.scheduler.submit", self.prefix)
+    /// Internal: tokenized requests for the scheduler, each acknowledged.
+    pub fn submit(&self) -> Endpoint<SubmitRequest, SubmitAck> {
+        self.internal_endpoint("scheduler.submit")
     }
     /// Internal: aborts for the scheduler (from detokenizers and gateways).
-    pub fn scheduler_abort(&self) -> String {
-        format!("{}.v1.scheduler.abort", self.prefix)
+    pub fn scheduler_abort(&self) -> Topic<AbortRequest> {
+        self.internal("scheduler.abort")
     }
     /// Internal: detokenizers' progress reports.
-    pub fn detokenizer_ack(&self) -> String {
-        format!("{}.v1.scheduler.detokenizer_ack", self.prefix)
+    pub fn detokenizer_ack(&self) -> Topic<DetokenizerAck> {
+        self.internal("scheduler.detokenizer_ack")
     }
     /// Internal: scheduler heartbeats.
-    pub fn scheduler_heartbeat(&self) -> String {
-        format!("{}.v1.scheduler.heartbeat", self.prefix)
+    pub fn scheduler_heartbeat(&self) -> Topic<SchedulerHeartbeat> {
+        self.internal("scheduler.heartbeat")
     }
     /// Internal: executor heartbeats (each carries its registration).
-    pub fn executor_heartbeat(&self) -> String {
-        format!("{}.v1.executor.heartbeat", self.prefix)
+    pub fn executor_heartbeat(&self) -> Topic<ExecutorRegistration> {
+        self.internal("executor.heartbeat")
     }
     /// Internal: steps for one executor (request/reply).
-    pub fn executor_step(&self, executor_id: &str) -> String {
-        format!("{}.v1.executor.{executor_id}.step", self.prefix)
+    pub fn executor_step(&self, executor_id: &str) -> Endpoint<StepRequest, StepResponse> {
+        Endpoint::new(format!("{}.v1.executor.{executor_id}.step", self.prefix), Encoding::MessagePackCompact)
     }
-    /// Internal: a detokenizer's open streams, asked for by a scheduler taking over
-    /// (request/reply).
-    pub fn detokenizer_report(&self, detokenizer_id: &str) -> String {
-        format!("{}.v1.detokenizer.{detokenizer_id}.report", self.prefix)
+    /// Internal: a detokenizer's open streams, asked for by a scheduler taking over.
+    pub fn detokenizer_report(&self, detokenizer_id: &str) -> Endpoint<StreamReportRequest, StreamReport> {
+        self.internal_endpoint(&format!("detokenizer.{detokenizer_id}.report"))
     }
     /// Internal: detokenizer registration and heartbeats.
-    pub fn detokenizer_heartbeat(&self) -> String {
-        format!("{}.v1.detokenizer.heartbeat", self.prefix)
+    pub fn detokenizer_heartbeat(&self) -> Topic<Heartbeat> {
+        self.internal("detokenizer.heartbeat")
     }
     /// Internal: token events for one detokenizer.
-    pub fn detokenizer_events(&self, detokenizer_id: &str) -> String {
-        format!("{}.v1.detokenizer.{detokenizer_id}.events", self.prefix)
+    pub fn detokenizer_events(&self, detokenizer_id: &str) -> Topic<DetokenizerMessage> {
+        self.internal(&format!("detokenizer.{detokenizer_id}.events"))
+    }
+
+    fn public<M: serde::Serialize + serde::de::DeserializeOwned>(&self, name: &str) -> Topic<M> {
+        Topic::new(format!("{}.{name}", self.prefix), Encoding::Json)
+    }
+
+    fn public_endpoint<Req, Resp>(&self, name: &str) -> Endpoint<Req, Resp>
+    where
+        Req: serde::Serialize + serde::de::DeserializeOwned,
+        Resp: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        Endpoint::new(format!("{}.{name}", self.prefix), Encoding::Json)
+    }
+
+    fn internal<M: serde::Serialize + serde::de::DeserializeOwned>(&self, name: &str) -> Topic<M> {
+        Topic::new(format!("{}.v1.{name}", self.prefix), Encoding::MessagePack)
+    }
+
+    fn internal_endpoint<Req, Resp>(&self, name: &str) -> Endpoint<Req, Resp>
+    where
+        Req: serde::Serialize + serde::de::DeserializeOwned,
+        Resp: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        Endpoint::new(format!("{}.v1.{name}", self.prefix), Encoding::MessagePack)
     }
 }

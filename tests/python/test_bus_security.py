@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import msgpack
 import nats as nats_py
 import pytest
 
@@ -158,12 +159,13 @@ def test_a_client_gets_answers_and_nothing_internal(bus, secured_mesh, reference
                                                     "num_device_blocks": 4294967294, "num_host_blocks": 0},
                 f"{PREFIX}.v1.detokenizer.heartbeat": {"id": "spy"},
                 f"{PREFIX}.v1.scheduler.abort": {"request_id": "x"},
-                f"{PREFIX}.v1.executor.e1.step": {"plan": {}},
+                f"{PREFIX}.v1.executor.e1.step": {"incarnation": 0, "step": 0, "session": 0, "plan": {}},
                 f"{PREFIX}.stats": {},
                 "_INBOX.forged": {"request_id": "x", "index": 0, "sample_index": 0, "text": "forged", "token_ids": []},
             }
             for subject, body in hostile.items():
-                await nc.publish(subject, json.dumps(body).encode())
+                internal = subject.startswith(f"{PREFIX}.v1.")
+                await nc.publish(subject, msgpack.packb(body) if internal else json.dumps(body).encode())
             await nc.flush()
             await asyncio.sleep(0.5)
             for subject in [">", f"{PREFIX}.>", f"{PREFIX}.v1.>", "_R_.>", *hostile]:
@@ -225,7 +227,7 @@ def test_hostile_messages_from_service_users_are_refused_with_errors(bus, secure
                 body = {"request_id": f"hostile-{next(counter)}", "reply_to": inbox, "prompt_token_ids": [1, 2, 3],
                         "params": {"max_tokens": 4, "temperature": 0}, "seed": 0, "stop": [], "stream": True}
                 body.update(over)
-                return json.dumps(body).encode()
+                return msgpack.packb(body)
 
             expectations = [
                 (submit(params={"n": 10**12, "max_tokens": 4}), "n must be"),
@@ -242,7 +244,7 @@ def test_hostile_messages_from_service_users_are_refused_with_errors(bus, secure
                 assert expected in answer["error"]["message"], (expected, answer)
             # A reply subject with a wildcard is never published to.
             await tokenizer.publish(f"{PREFIX}.v1.scheduler.submit", submit(reply_to=f"{PREFIX}.v1.>"))
-            await tokenizer.publish(f"{PREFIX}.v1.scheduler.submit", b"\xff not json")
+            await tokenizer.publish(f"{PREFIX}.v1.scheduler.submit", b"\xc1 not msgpack")
             # Heartbeats declaring absurd pools, or ids that would become wildcard subjects.
             for beat in [{"executor_id": "huge", "model": "stories260K", "block_size": 16,
                           "num_device_blocks": 4294967294, "num_host_blocks": 0},
@@ -250,15 +252,16 @@ def test_hostile_messages_from_service_users_are_refused_with_errors(bus, secure
                           "num_device_blocks": 8, "num_host_blocks": 0},
                          {"executor_id": "zero", "model": "stories260K", "block_size": 0,
                           "num_device_blocks": 8, "num_host_blocks": 0}]:
-                await executor.publish(f"{PREFIX}.v1.executor.heartbeat", json.dumps(beat).encode())
-            await detokenizer.publish(f"{PREFIX}.v1.detokenizer.heartbeat", json.dumps({"id": "*"}).encode())
+                await executor.publish(f"{PREFIX}.v1.executor.heartbeat",
+                                       msgpack.packb({**beat, "incarnation": 1, "protocol_version": 2}))
+            await detokenizer.publish(f"{PREFIX}.v1.detokenizer.heartbeat", msgpack.packb({"id": "*"}))
             # 1 MB abort ids, many of them: refused before anything is remembered.
             for _ in range(30):
                 await detokenizer.publish(f"{PREFIX}.v1.scheduler.abort",
-                                          json.dumps({"request_id": "a" * 1_000_000}).encode())
+                                          msgpack.packb({"request_id": "a" * 1_000_000}))
             await detokenizer.publish(f"{PREFIX}.v1.scheduler.detokenizer_ack",
-                                      json.dumps({"request_id": "x", "next_index": 0, "consumed": [0] * 100_000,
-                                                  "closed": []}).encode())
+                                      msgpack.packb({"request_id": "x", "next_index": 0, "consumed": [0] * 100_000,
+                                                     "closed": []}))
             for nc in (tokenizer, executor, detokenizer):
                 await nc.flush()
             await asyncio.sleep(1.0)
@@ -294,7 +297,16 @@ def test_hostile_steps_and_detokenizer_events_are_refused(bus, secured_mesh, ref
         async def scenario():
             scheduler = await bus.connect("scheduler")
             try:
-                seq = {"seq_id": 1, "tokens": [10**6], "start_pos": 2**63, "block_table": [10**9], "history": None,
+                # The executor's incarnation, from its heartbeat (steps for another are refused early).
+                beats = await scheduler.subscribe(f"{PREFIX}.v1.executor.heartbeat")
+                incarnation = None
+                while incarnation is None:
+                    beat = msgpack.unpackb((await beats.next_msg(timeout=5)).data)
+                    if beat["executor_id"] == executor_id:
+                        incarnation = beat["incarnation"]
+                await beats.unsubscribe()
+                seq = {"seq_id": 1, "tokens": [10**6], "start_pos": 2**63, "block_table": [10**9], "new_blocks": [],
+                       "history": None,
                        "sample": {"params": {"n": 1}, "seed": 0, "sample_index": 0, "num_samples": 4_000_000_000,
                                   "prompt_len": 1, "output_len": 0, "banned_tokens": []}}
                 plans = [
@@ -302,14 +314,22 @@ def test_hostile_steps_and_detokenizer_events_are_refused(bus, secured_mesh, ref
                     {"step_id": 2, "swap_out": [], "swap_in": [], "copy": [], "released": [], "seqs": [seq]},
                     {"step_id": 3, "swap_out": [], "swap_in": [], "copy": [], "released": [],
                      "seqs": [{**seq, "tokens": [1], "start_pos": 0, "block_table": [0]}]},
+                    # Blocks appended to a table the executor never had, parameters never sent.
+                    {"step_id": 4, "swap_out": [], "swap_in": [], "copy": [], "released": [],
+                     "seqs": [{**seq, "seq_id": 77, "tokens": [1], "start_pos": 0, "block_table": None, "new_blocks": [0]}]},
+                    {"step_id": 5, "swap_out": [], "swap_in": [], "copy": [], "released": [],
+                     "seqs": [{**seq, "seq_id": 78, "tokens": [1], "start_pos": 0, "block_table": [0],
+                               "sample": {**seq["sample"], "params": None, "num_samples": 1}}]},
                 ]
-                for plan in plans:
+                for number, plan in enumerate(plans):
+                    request = {"incarnation": incarnation, "step": number, "session": 10**9 + number, "plan": plan}
                     answer = await scheduler.request(f"{PREFIX}.v1.executor.{executor_id}.step",
-                                                     json.dumps({"plan": plan}).encode(), timeout=10)
-                    refusal = json.loads(answer.data)
-                    assert "Failed" in refusal or "Refused" in refusal, answer.data
+                                                     msgpack.packb(request), timeout=10)
+                    # Steps and their answers go with fields by position: [incarnation, step, reply].
+                    refusal = msgpack.unpackb(answer.data)[2]
+                    assert "Failed" in refusal or "Refused" in refusal, refusal
                 garbage = await scheduler.request(f"{PREFIX}.v1.executor.{executor_id}.step", b"\x00\x01", timeout=10)
-                assert "Failed" in json.loads(garbage.data)
+                assert "Failed" in msgpack.unpackb(garbage.data)[2]
                 events = [
                     {"Open": {"request_id": "e", "reply_to": "_INBOX.>", "prompt_token_ids": [1], "n": 1, "stop": [],
                               "stream": True, "logprobs": False}},
@@ -321,8 +341,8 @@ def test_hostile_steps_and_detokenizer_events_are_refused(bus, secured_mesh, ref
                 ]
                 for event in events:
                     message = {"term": 10**6, "event": event}
-                    await scheduler.publish(f"{PREFIX}.v1.detokenizer.known.events", json.dumps(message).encode())
-                await scheduler.publish(f"{PREFIX}.v1.detokenizer.known.events", b"[1, 2")
+                    await scheduler.publish(f"{PREFIX}.v1.detokenizer.known.events", msgpack.packb(message))
+                await scheduler.publish(f"{PREFIX}.v1.detokenizer.known.events", b"\x92\x01")
                 await scheduler.flush()
                 assert not scheduler.violations, scheduler.violations
             finally:

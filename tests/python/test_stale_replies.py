@@ -5,8 +5,8 @@ the old step with a failure. The scheduler drops that answer and counts it as st
 request, now running on the new registration, is failed only by its own step's answer."""
 
 import asyncio
-import json
 
+import msgpack
 import nats as nats_py
 
 from conftest import MODEL, Mesh, read_generation, wait_for
@@ -22,8 +22,9 @@ def registration():
 
 
 def answer(step_msg, message):
-    step = json.loads(step_msg.data)
-    return json.dumps({"incarnation": INCARNATION, "step": step["step"], "reply": {"Failed": message}}).encode()
+    # A step goes with its fields by position: [incarnation, step, session, plan].
+    step = msgpack.unpackb(step_msg.data)[1]
+    return msgpack.packb({"incarnation": INCARNATION, "step": step, "reply": {"Failed": message}})
 
 
 async def scenario(m, prefix):
@@ -39,7 +40,7 @@ async def scenario(m, prefix):
     async def beat():
         while True:
             await beating.wait()
-            await nc.publish(f"{prefix}.v1.executor.heartbeat", json.dumps(registration()).encode())
+            await nc.publish(f"{prefix}.v1.executor.heartbeat", msgpack.packb(registration()))
             await asyncio.sleep(0.2)
     beater = asyncio.create_task(beat())
     loop = asyncio.get_running_loop()

@@ -11,15 +11,15 @@ use futures::StreamExt;
 use pagemesh_shared::limits::{self, MAX_OPEN_STREAMS};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
-    AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, DetokenizerMessage, ErrorKind, ErrorReply, Heartbeat,
-    OpenRequest, ResumePoint, SchedulerHeartbeat, StreamReport, StreamReportRequest, StreamState, TokenEvent,
-    TokenTexts, Usage,
+    AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, ResumePoint,
+    StreamReport, StreamState, TokenEvent, TokenTexts, Usage,
 };
 use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
 
-use pagemesh_bus::bus::{decode, Bus};
+use pagemesh_bus::bus::Bus;
 use pagemesh_bus::refusals::refuse;
+use pagemesh_shared::wire::Topic;
 
 /// How often a detokenizer announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
@@ -408,9 +408,9 @@ impl Actor for DetokenizerService {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let client = self.bus.client.clone();
-        let subject = self.bus.subjects.detokenizer_events(&self.id);
-        let beats = self.bus.subjects.scheduler_heartbeat();
-        let reports = self.bus.subjects.detokenizer_report(&self.id);
+        let subject = self.bus.subjects.detokenizer_events(&self.id).subject().to_string();
+        let beats = self.bus.subjects.scheduler_heartbeat().subject().to_string();
+        let reports = self.bus.subjects.detokenizer_report(&self.id).subject().to_string();
         let subscribe = async move {
             let subs = [
                 client.subscribe(subject).await?.map(Incoming::Event).boxed(),
@@ -448,7 +448,7 @@ impl DetokenizerService {
         let beat = Heartbeat { id: self.id.clone() };
         ctx.spawn(
             async move {
-                let _ = bus.publish_json(bus.subjects.detokenizer_heartbeat(), &beat).await;
+                let _ = bus.publish(&bus.subjects.detokenizer_heartbeat(), &beat).await;
             }
             .into_actor(self),
         );
@@ -473,7 +473,7 @@ impl DetokenizerService {
     }
 
     fn on_scheduler_beat(&mut self, msg: &async_nats::Message) {
-        match decode::<SchedulerHeartbeat>(msg.subject.as_str(), &msg.payload) {
+        match self.bus.subjects.scheduler_heartbeat().decode(&msg.payload) {
             Ok(beat) if beat.active && beat.term >= self.term => {
                 self.term = beat.term;
                 self.last_scheduler = Instant::now();
@@ -504,27 +504,32 @@ impl DetokenizerService {
         ctx.wait(
             async move {
                 if let Some((reply_to, error)) = error {
-                    let _ = bus.publish_json(reply_to, &error).await;
+                    let _ = bus.publish(&Topic::json(reply_to), &error).await;
                 }
                 let Some(output) = output else { return };
+                let inbox = Topic::json(output.reply_to.clone());
                 for chunk in &output.chunks {
-                    if let Err(e) = bus.publish_json(output.reply_to.clone(), chunk).await {
+                    if let Err(e) = bus.publish(&inbox, chunk).await {
                         eprintln!("detokenizer: cannot publish a chunk: {e}");
                     }
                 }
                 if output.abort {
                     let abort = AbortRequest { request_id: output.ack.request_id.clone() };
-                    let _ = bus.publish_json(bus.subjects.scheduler_abort(), &abort).await;
+                    let _ = bus.publish(&bus.subjects.scheduler_abort(), &abort).await;
                 }
                 // After the chunks: the scheduler learns how far the stream got.
-                let _ = bus.publish_json(bus.subjects.detokenizer_ack(), &output.ack).await;
+                let _ = bus.publish(&bus.subjects.detokenizer_ack(), &output.ack).await;
             }
             .into_actor(self),
         );
     }
 
     fn on_event(&mut self, msg: &async_nats::Message, ctx: &mut Context<Self>) {
-        let message = decode::<DetokenizerMessage>(msg.subject.as_str(), &msg.payload)
+        let message = self
+            .bus
+            .subjects
+            .detokenizer_events(&self.id)
+            .decode(&msg.payload)
             .map_err(|e| e.to_string())
             .and_then(|m| limits::check_detokenizer_event(&m.event).map(|()| m))
             .and_then(|m| self.check_capacity(&m.event).map(|()| m));
@@ -543,7 +548,8 @@ impl DetokenizerService {
     /// events of older terms are dropped.
     fn on_report(&mut self, msg: &async_nats::Message, ctx: &mut Context<Self>) {
         let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else { return };
-        let request = match decode::<StreamReportRequest>(msg.subject.as_str(), &msg.payload) {
+        let endpoint = self.bus.subjects.detokenizer_report(&self.id);
+        let request = match endpoint.requests().decode(&msg.payload) {
             Ok(r) => r,
             Err(e) => return refuse("detokenizer", "stream_report", &e.to_string()),
         };
@@ -556,7 +562,7 @@ impl DetokenizerService {
         for id in ids {
             let Some(stream) = self.streams.get(id) else { continue };
             let state = stream.state();
-            bytes += serde_json::to_vec(&state).map_or(0, |v| v.len());
+            bytes += endpoint.encoding().encode(&state).map_or(0, |v| v.len());
             if bytes > REPORT_PAGE_BYTES && !streams.is_empty() {
                 more = true;
                 break;
@@ -567,7 +573,7 @@ impl DetokenizerService {
         let report = StreamReport { streams, more };
         ctx.spawn(
             async move {
-                let _ = bus.publish_json(reply, &report).await;
+                let _ = bus.respond(&endpoint, reply, &report).await;
             }
             .into_actor(self),
         );

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use pagemesh_executor::engine_args::{eos_token_ids, EngineArgs};
-use pagemesh_executor::{Executor, ExecutorError};
+use pagemesh_executor::{CpuExecutor, ExecutorError};
 use pagemesh_scheduler::{AdmissionError, BlockUsage, NewRequest, RequestEvent, Scheduler, SchedulerStats};
 use pagemesh_shared::{EngineConfig, FinishReason, SampledToken, SamplingParams};
 use serde::Serialize;
@@ -72,7 +72,7 @@ pub struct EngineStats {
 /// The scheduler and one executor in one process.
 pub struct Engine {
     scheduler: Scheduler,
-    executor: Executor,
+    executor: CpuExecutor,
     next_request_id: u64,
     pending: HashMap<u64, RequestOutput>,
     want_logprobs: HashMap<u64, bool>,
@@ -90,7 +90,7 @@ pub struct StepShape {
 
 impl Engine {
     /// An engine driving `executor` (whose cache must have the config's pool sizes).
-    pub fn new(executor: Executor, config: EngineConfig, eos_token_ids: Vec<u32>) -> Self {
+    pub fn new(executor: CpuExecutor, config: EngineConfig, eos_token_ids: Vec<u32>) -> Self {
         Self {
             scheduler: Scheduler::new(config, eos_token_ids),
             executor,
@@ -102,7 +102,7 @@ impl Engine {
     }
 
     /// The executor.
-    pub fn executor(&self) -> &Executor {
+    pub fn executor(&self) -> &CpuExecutor {
         &self.executor
     }
 

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use pagemesh_executor::synth::{write_model, Preset};
-use pagemesh_executor::{CacheConfig, Executor, WeightDtype};
+use pagemesh_executor::{CacheConfig, CpuExecutor, WeightDtype};
 use pagemesh_shared::{SampleSpec, SamplingParams, ScheduledSeq, StepPlan};
 
 fn spec() -> SampleSpec {
@@ -35,7 +35,7 @@ fn main() {
     let max_batch = 32;
     let blocks_per_seq = (context + 64) / bs + 1;
     let cache = CacheConfig { block_size: bs, num_device_blocks: max_batch * blocks_per_seq, num_host_blocks: 0 };
-    let mut ex = Executor::load(&dir, None, cache).expect("load");
+    let mut ex = CpuExecutor::load(&dir, None, cache).expect("load");
     let table =
         |s: usize| -> Vec<u32> { (0..blocks_per_seq as u32).map(|b| s as u32 * blocks_per_seq as u32 + b).collect() };
     // Prefill every sequence's context once (also the prefill measurement).

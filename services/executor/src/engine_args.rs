@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::cpu::model::LlamaModel;
-use crate::{CacheConfig, Executor, ModelConfig, WeightDtype};
+use crate::{CacheConfig, CpuExecutor, ModelConfig, WeightDtype};
 use clap::Args;
 use pagemesh_shared::{EngineConfig, KvAllocation, PreemptionMode};
 
@@ -113,7 +113,7 @@ impl EngineArgs {
     }
 
     /// Loads the model and sizes its executor.
-    pub fn load_executor(&self) -> Result<(Executor, EngineConfig), String> {
+    pub fn load_executor(&self) -> Result<(CpuExecutor, EngineConfig), String> {
         let model = LlamaModel::load(&self.model, self.dtype).map_err(|e| e.to_string())?;
         let config = self.engine_config(&model.config)?;
         let cache = CacheConfig {
@@ -121,7 +121,7 @@ impl EngineArgs {
             num_device_blocks: config.num_device_blocks,
             num_host_blocks: config.num_host_blocks,
         };
-        Ok((Executor::new(model, cache), config))
+        Ok((CpuExecutor::new(model, cache), config))
     }
 }
 

@@ -26,7 +26,7 @@ pub struct CacheConfig {
 }
 
 /// A CPU executor.
-pub struct Executor {
+pub struct CpuExecutor {
     model: LlamaModel,
     cache: KvCache,
     histories: HashMap<SeqId, Vec<u32>>,
@@ -36,7 +36,7 @@ fn invalid(msg: String) -> ExecutorError {
     ExecutorError::InvalidPlan(msg)
 }
 
-impl Executor {
+impl CpuExecutor {
     /// Loads a model directory and allocates the cache.
     pub fn load(model_dir: &Path, dtype: Option<WeightDtype>, cache: CacheConfig) -> Result<Self> {
         Ok(Self::new(LlamaModel::load(model_dir, dtype)?, cache))

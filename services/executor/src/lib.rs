@@ -19,5 +19,5 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use error::{ExecutorError, Result};
-pub use executor::{CacheConfig, Executor};
+pub use executor::{CacheConfig, CpuExecutor};
 pub use weights::WeightDtype;

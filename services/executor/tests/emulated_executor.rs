@@ -1,12 +1,12 @@
 //! The GPU path's step runner (`gpu::GpuExecutor` over the emulated kernels) against the CPU
-//! `Executor`, plan by plan: chunked prefill, decode, swap-out and swap-in to other blocks
+//! `CpuExecutor`, plan by plan: chunked prefill, decode, swap-out and swap-in to other blocks
 //! (preemption), and a fork through a copy-on-write block copy. Both get the same plans; every
 //! sampled token must be the same and every log-probability within 1e-4.
 
 use std::path::PathBuf;
 
 use pagemesh_executor::gpu::{EmulatedBackend, GpuExecutor, GpuModel};
-use pagemesh_executor::{CacheConfig, Executor};
+use pagemesh_executor::{CacheConfig, CpuExecutor};
 use pagemesh_shared::{SampleSpec, SamplingParams, ScheduledSeq, StepOutput, StepPlan};
 
 fn model_dir() -> PathBuf {
@@ -35,7 +35,7 @@ fn seq(id: u64, tokens: &[u32], start: usize, table: &[u32], sample: bool, histo
 }
 
 struct Pair {
-    cpu: Executor,
+    cpu: CpuExecutor,
     gpu: GpuExecutor<f32, EmulatedBackend>,
     steps: u64,
 }
@@ -61,9 +61,12 @@ impl Pair {
 
 #[test]
 fn the_emulated_gpu_executor_runs_plans_like_the_cpu_executor() {
-    let cpu =
-        Executor::load(&model_dir(), None, CacheConfig { block_size: BS, num_device_blocks: 24, num_host_blocks: 8 })
-            .expect("cpu model");
+    let cpu = CpuExecutor::load(
+        &model_dir(),
+        None,
+        CacheConfig { block_size: BS, num_device_blocks: 24, num_host_blocks: 8 },
+    )
+    .expect("cpu model");
     let model = GpuModel::<f32, _>::load(EmulatedBackend, &model_dir()).expect("emulated model");
     let gpu = GpuExecutor::new(model, BS, 24, 8).expect("emulated executor");
     let mut p = Pair { cpu, gpu, steps: 0 };

@@ -161,11 +161,11 @@ fn stories260k_greedy_tokens_match_the_reference_through_the_emulated_kernels() 
 /// against the CPU backend in f32: the worst `max |got - want| / max |want|` over the prompts,
 /// and how many prompts agree on the most likely token.
 fn half_precision_logits<E: pagemesh_executor::gpu::GpuElement>() -> (f64, usize, usize) {
-    use pagemesh_executor::{CacheConfig, Executor};
+    use pagemesh_executor::{CacheConfig, CpuExecutor};
     let text = std::fs::read_to_string(model_dir().join("reference.json")).expect("reference.json");
     let reference: Value = serde_json::from_str(&text).expect("reference.json parses");
     let cpu =
-        Executor::load(&model_dir(), None, CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 })
+        CpuExecutor::load(&model_dir(), None, CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 })
             .expect("cpu model");
     let model = GpuModel::<E, _>::load(EmulatedBackend, &model_dir()).expect("model loads");
     let (mut worst, mut agree, mut total) = (0.0f64, 0, 0);

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use pagemesh_executor::{CacheConfig, Executor};
+use pagemesh_executor::{CacheConfig, CpuExecutor};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -74,14 +74,14 @@ fn sequences() -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn load(dir: &Path) -> Executor {
+fn load(dir: &Path) -> CpuExecutor {
     let cache = CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 };
-    Executor::load(dir, None, cache).expect("model loads")
+    CpuExecutor::load(dir, None, cache).expect("model loads")
 }
 
 /// Sorted per-position relative errors of `b` against `a`, and the relative error of all
 /// positions' logits taken as one vector (2-norm).
-fn relative_errors(a: &Executor, b: &Executor) -> (Vec<f32>, f64) {
+fn relative_errors(a: &CpuExecutor, b: &CpuExecutor) -> (Vec<f32>, f64) {
     let mut errors = Vec::new();
     let (mut diff_sq, mut ref_sq) = (0.0f64, 0.0f64);
     for seq in sequences() {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pagemesh_executor::{CacheConfig, Executor, ExecutorError};
+use pagemesh_executor::{CacheConfig, CpuExecutor, ExecutorError};
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 
@@ -21,8 +21,8 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
-fn load(dir: &Path) -> Result<Executor, ExecutorError> {
-    Executor::load(dir, None, CacheConfig { block_size: 16, num_device_blocks: 4, num_host_blocks: 0 })
+fn load(dir: &Path) -> Result<CpuExecutor, ExecutorError> {
+    CpuExecutor::load(dir, None, CacheConfig { block_size: 16, num_device_blocks: 4, num_host_blocks: 0 })
 }
 
 /// Rewrites the model's tensors through `edit` (name, shape, bytes) into `dir/file`.

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use pagemesh_executor::{CacheConfig, Executor};
+use pagemesh_executor::{CacheConfig, CpuExecutor};
 use pagemesh_shared::{SampleSpec, SamplingParams, ScheduledSeq, StepPlan};
 use serde_json::Value;
 
@@ -25,7 +25,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 /// Greedy decoding with a hand-made block table (blocks in reverse order, to make sure the
 /// table is honoured), block size 4.
-fn greedy(executor: &mut Executor, prompt: &[u32], steps: usize) -> Vec<u32> {
+fn greedy(executor: &mut CpuExecutor, prompt: &[u32], steps: usize) -> Vec<u32> {
     let bs = 4;
     let total = prompt.len() + steps;
     let blocks = total.div_ceil(bs) as u32;
@@ -68,7 +68,7 @@ fn greedy(executor: &mut Executor, prompt: &[u32], steps: usize) -> Vec<u32> {
 fn greedy_tokens_match_the_reference_for_every_case() {
     let reference = reference();
     let cache = CacheConfig { block_size: 4, num_device_blocks: 128, num_host_blocks: 0 };
-    let mut executor = Executor::load(&model_dir(), None, cache).expect("model loads");
+    let mut executor = CpuExecutor::load(&model_dir(), None, cache).expect("model loads");
     for case in reference["cases"].as_array().expect("cases") {
         let prompt = ids(&case["prompt_ids"]);
         let expected = ids(&case["generated_ids"]);
@@ -81,7 +81,7 @@ fn greedy_tokens_match_the_reference_for_every_case() {
 fn raw_logits_match_the_reference_top5() {
     let reference = reference();
     let cache = CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 };
-    let executor = Executor::load(&model_dir(), None, cache).expect("model loads");
+    let executor = CpuExecutor::load(&model_dir(), None, cache).expect("model loads");
     let mut max_diff = 0.0f32;
     for case in reference["cases"].as_array().expect("cases") {
         let mut all = ids(&case["prompt_ids"]);

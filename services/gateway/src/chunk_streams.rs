@@ -31,9 +31,7 @@ async fn open_one(bus: &Bus, request: &Value) -> Result<ChunkStream, ErrorReply>
     let unavailable = |message: String| ErrorReply::new(None, ErrorKind::Unavailable, message);
     let inbox = bus.client.new_inbox();
     let subscriber = bus.client.subscribe(inbox.clone()).await.map_err(|e| unavailable(format!("NATS: {e}")))?;
-    bus.publish_json_with_reply(bus.subjects.generate(), inbox, request)
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
+    bus.publish_with_reply(&bus.subjects.generate(), inbox, request).await.map_err(|e| unavailable(e.to_string()))?;
     let mut next_index = 0u64;
     let chunks = stream::unfold((subscriber, false), move |(mut sub, done)| async move {
         if done {
@@ -146,7 +144,7 @@ impl Drop for Merger {
         let Some(bus) = self.bus.take().filter(|_| !unfinished.is_empty()) else { return };
         actix_web::rt::spawn(async move {
             for request_id in unfinished {
-                let _ = bus.publish_json(bus.subjects.scheduler_abort(), &AbortRequest { request_id }).await;
+                let _ = bus.publish(&bus.subjects.scheduler_abort(), &AbortRequest { request_id }).await;
             }
         });
     }

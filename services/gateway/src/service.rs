@@ -16,6 +16,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use futures::StreamExt;
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{Chunk, ErrorReply, Usage};
+use pagemesh_shared::wire::Endpoint as BusEndpoint;
 use pagemesh_shared::FinishReason;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -396,8 +397,8 @@ async fn chat_completions(state: web::Data<GatewayState>, req: HttpRequest, payl
     generate(state, req, payload, Endpoint::Chat).await
 }
 
-async fn control(state: &GatewayState, subject: String, body: &Value) -> HttpResponse {
-    match state.bus.request_json::<_, Value>(subject, body, CONTROL_TIMEOUT).await {
+async fn control(state: &GatewayState, endpoint: BusEndpoint<Value, Value>, body: &Value) -> HttpResponse {
+    match state.bus.request(&endpoint, body, CONTROL_TIMEOUT).await {
         Ok(answer) => match serde_json::from_value::<ErrorReply>(answer.clone()) {
             Ok(e) => from_reply(&e),
             Err(_) => HttpResponse::Ok().json(answer),
@@ -438,11 +439,11 @@ struct HealthAnswer {
 
 async fn ready(state: web::Data<GatewayState>) -> HttpResponse {
     // The tokenizer answers `models`: without one, no request gets in.
-    if let Err(e) = state.bus.request_json::<_, Value>(state.bus.subjects.models(), &json!({}), CONTROL_TIMEOUT).await {
+    if let Err(e) = state.bus.request(&state.bus.subjects.models(), &json!({}), CONTROL_TIMEOUT).await {
         let message = format!("no tokenizer answers: {e}");
         return HttpResponse::ServiceUnavailable().json(json!({"live": true, "ready": false, "error": message}));
     }
-    match state.bus.request_json::<_, Value>(state.bus.subjects.health(), &json!({}), CONTROL_TIMEOUT).await {
+    match state.bus.request(&state.bus.subjects.health(), &json!({}), CONTROL_TIMEOUT).await {
         Ok(answer) => {
             let is_ready = serde_json::from_value::<HealthAnswer>(answer.clone()).map(|h| h.ready).unwrap_or(false);
             if is_ready {

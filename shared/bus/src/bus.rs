@@ -1,5 +1,6 @@
-//! The NATS connection every service shares: connection options from the command line,
-//! the subjects, and JSON publish/request helpers.
+//! The NATS connection every service shares: connection options from the command line, the
+//! subjects, and publishing and requests on typed topics and endpoints
+//! (`pagemesh_shared::wire`).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::subjects::Subjects;
+use pagemesh_shared::wire::{Endpoint, Topic, WireError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -91,6 +93,8 @@ pub struct Bus {
     /// Reconnections seen since start.
     pub reconnects: Arc<AtomicU64>,
     link: Arc<Mutex<LinkState>>,
+    /// Requests sent in parts so far.
+    split_requests: Arc<AtomicU64>,
 }
 
 impl Bus {
@@ -159,7 +163,13 @@ impl Bus {
                         if let Ok(mut state) = link.lock() {
                             *state = LinkState { connected: true, since: Instant::now() };
                         }
-                        return Ok(Self { client, subjects: Subjects::new(&options.prefix), reconnects, link });
+                        return Ok(Self {
+                            client,
+                            subjects: Subjects::new(&options.prefix),
+                            reconnects,
+                            link,
+                            split_requests: Arc::default(),
+                        });
                     }
                 }
                 Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
@@ -174,40 +184,88 @@ impl Bus {
         }
     }
 
+    /// Requests this connection sent in parts (larger than the server's `max_payload`).
+    pub fn split_requests(&self) -> u64 {
+        self.split_requests.load(Ordering::Relaxed)
+    }
+
     /// The connection's state now.
     pub fn link(&self) -> LinkState {
         self.link.lock().map(|s| *s).unwrap_or(LinkState { connected: true, since: Instant::now() })
     }
 
-    /// Publishes a value as JSON.
-    pub async fn publish_json<T: Serialize>(&self, subject: String, value: &T) -> Result<(), BusError> {
-        let payload = serde_json::to_vec(value)
-            .map_err(|e| BusError::Codec { subject: subject.clone(), message: e.to_string() })?;
+    /// Publishes a message on its topic.
+    pub async fn publish<M: Serialize + DeserializeOwned>(
+        &self,
+        topic: &Topic<M>,
+        message: &M,
+    ) -> Result<(), BusError> {
+        let payload = topic.encode(message)?;
+        self.publish_bytes(topic.subject().to_string(), payload).await
+    }
+
+    /// Publishes a message on its topic, asking for answers on `reply`.
+    pub async fn publish_with_reply<M: Serialize + DeserializeOwned>(
+        &self,
+        topic: &Topic<M>,
+        reply: String,
+        message: &M,
+    ) -> Result<(), BusError> {
+        let payload = topic.encode(message)?;
+        self.client
+            .publish_with_reply(topic.subject().to_string(), reply, payload.into())
+            .await
+            .map_err(|e| BusError::Nats(e.to_string()))
+    }
+
+    /// Answers a request of `endpoint` on its reply subject.
+    pub async fn respond<Req, Resp>(
+        &self,
+        endpoint: &Endpoint<Req, Resp>,
+        reply: String,
+        response: &Resp,
+    ) -> Result<(), BusError>
+    where
+        Req: Serialize + DeserializeOwned,
+        Resp: Serialize + DeserializeOwned,
+    {
+        let payload = endpoint.encode_response(response)?;
+        self.publish_bytes(reply, payload).await
+    }
+
+    async fn publish_bytes(&self, subject: String, payload: Vec<u8>) -> Result<(), BusError> {
         self.client.publish(subject, payload.into()).await.map_err(|e| BusError::Nats(e.to_string()))
     }
 
-    /// Publishes a value as JSON with a reply subject.
-    pub async fn publish_json_with_reply<T: Serialize>(
+    /// Sends a request and decodes its answer, waiting at most `timeout`. A request larger
+    /// than the server takes in one message (its `max_payload`) goes in parts
+    /// ([`crate::parts`]): the receiver must put them together.
+    pub async fn request<Req, Resp>(
         &self,
-        subject: String,
-        reply: String,
-        value: &T,
-    ) -> Result<(), BusError> {
-        let payload = serde_json::to_vec(value)
-            .map_err(|e| BusError::Codec { subject: subject.clone(), message: e.to_string() })?;
-        self.client.publish_with_reply(subject, reply, payload.into()).await.map_err(|e| BusError::Nats(e.to_string()))
-    }
-
-    /// Sends a JSON request and decodes the JSON answer, waiting at most `timeout`.
-    pub async fn request_json<T: Serialize, R: DeserializeOwned>(
-        &self,
-        subject: String,
-        value: &T,
+        endpoint: &Endpoint<Req, Resp>,
+        request: &Req,
         timeout: Duration,
-    ) -> Result<R, BusError> {
-        let payload = serde_json::to_vec(value)
-            .map_err(|e| BusError::Codec { subject: subject.clone(), message: e.to_string() })?;
-        let answer = tokio::time::timeout(timeout, self.client.request(subject.clone(), payload.into()))
+    ) -> Result<Resp, BusError>
+    where
+        Req: Serialize + DeserializeOwned,
+        Resp: Serialize + DeserializeOwned,
+    {
+        let subject = endpoint.subject().to_string();
+        let payload = endpoint.requests().encode(request)?;
+        let max_payload = self.client.server_info().max_payload;
+        let mut parts = crate::parts::split(payload, max_payload);
+        if parts.len() > 1 {
+            self.split_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        let last = parts.pop().unwrap_or_default();
+        for part in parts {
+            self.client
+                .publish_with_headers(subject.clone(), part.headers, part.payload.into())
+                .await
+                .map_err(|e| BusError::Nats(e.to_string()))?;
+        }
+        let request = async_nats::Request::new().payload(last.payload.into()).headers(last.headers);
+        let answer = tokio::time::timeout(timeout, self.client.send_request(subject.clone(), request))
             .await
             .map_err(|_| BusError::Timeout(subject.clone()))?
             .map_err(|e| match e.kind() {
@@ -215,7 +273,13 @@ impl Bus {
                 async_nats::RequestErrorKind::TimedOut => BusError::Timeout(subject.clone()),
                 _ => BusError::Nats(e.to_string()),
             })?;
-        decode(&subject, &answer.payload)
+        Ok(endpoint.decode_response(&answer.payload)?)
+    }
+}
+
+impl From<WireError> for BusError {
+    fn from(e: WireError) -> Self {
+        BusError::Codec { subject: e.subject, message: e.message }
     }
 }
 
@@ -241,23 +305,31 @@ impl OrderedPublisher {
         Self { queue }
     }
 
-    /// Queues a value, as JSON, for `subject`.
-    pub fn publish_json<T: Serialize>(&self, subject: String, value: &T) {
-        match serde_json::to_vec(value) {
-            Ok(payload) => {
-                if self.queue.send((subject, payload)).is_err() {
-                    eprintln!("the publisher has stopped");
-                }
-            }
-            Err(e) => eprintln!("cannot encode a message for {subject}: {e}"),
+    /// Queues a message for its topic.
+    pub fn publish<M: Serialize + DeserializeOwned>(&self, topic: &Topic<M>, message: &M) {
+        match topic.encode(message) {
+            Ok(payload) => self.publish_bytes(topic.subject().to_string(), payload),
+            Err(e) => eprintln!("{e}"),
         }
     }
-}
 
-/// Decodes a JSON payload.
-pub fn decode<R: DeserializeOwned>(subject: &str, payload: &[u8]) -> Result<R, BusError> {
-    serde_json::from_slice(payload)
-        .map_err(|e| BusError::Codec { subject: subject.to_string(), message: e.to_string() })
+    /// Queues the answer to a request of `endpoint`, for its reply subject.
+    pub fn respond<Req, Resp>(&self, endpoint: &Endpoint<Req, Resp>, reply: String, response: &Resp)
+    where
+        Req: Serialize + DeserializeOwned,
+        Resp: Serialize + DeserializeOwned,
+    {
+        match endpoint.encode_response(response) {
+            Ok(payload) => self.publish_bytes(reply, payload),
+            Err(e) => eprintln!("{e}"),
+        }
+    }
+
+    fn publish_bytes(&self, subject: String, payload: Vec<u8>) {
+        if self.queue.send((subject, payload)).is_err() {
+            eprintln!("the publisher has stopped");
+        }
+    }
 }
 
 /// The NATS account a message was sent from, as the server reports it in the

@@ -69,55 +69,65 @@ impl Role {
         let replies = PUBLIC_REPLY_SUBJECTS.map(String::from);
         let (publish, subscribe, allow_responses): (Vec<String>, Vec<String>, bool) = match self {
             Role::Gateway => (
-                vec![
-                    s.generate(),
-                    s.abort(),
-                    s.tokenize(),
-                    s.detokenize(),
-                    s.models(),
-                    s.health(),
-                    s.stats(),
-                    s.scheduler_abort(),
-                ],
+                client_subjects(s)
+                    .into_iter()
+                    .chain([s.stats().subject().to_string(), s.scheduler_abort().subject().to_string()])
+                    .collect(),
                 vec!["_INBOX.>".into()],
                 false,
             ),
             Role::Tokenizer => {
-                let mut publish = vec![s.submit()];
+                let mut publish = vec![s.submit().subject().to_string()];
                 publish.extend(replies);
                 let own_inbox = format!("{}.>", Role::Tokenizer.inbox_prefix());
-                (publish, vec![s.generate(), s.tokenize(), s.detokenize(), s.models(), own_inbox], true)
+                (
+                    publish,
+                    vec![
+                        s.generate().subject().to_string(),
+                        s.tokenize().subject().to_string(),
+                        s.detokenize().subject().to_string(),
+                        s.models().subject().to_string(),
+                        own_inbox,
+                    ],
+                    true,
+                )
             }
             Role::Scheduler => {
                 let mut publish = vec![
                     format!("{p}.v1.executor.*.step"),
                     format!("{p}.v1.detokenizer.*.events"),
                     format!("{p}.v1.detokenizer.*.report"),
-                    s.scheduler_heartbeat(),
+                    s.scheduler_heartbeat().subject().to_string(),
                 ];
                 publish.extend(replies);
                 let subscribe = vec![
-                    s.submit(),
-                    s.scheduler_abort(),
-                    s.abort(),
-                    s.executor_heartbeat(),
-                    s.detokenizer_heartbeat(),
-                    s.detokenizer_ack(),
-                    s.stats(),
-                    s.health(),
-                    s.scheduler_heartbeat(),
+                    s.submit().subject().to_string(),
+                    s.scheduler_abort().subject().to_string(),
+                    s.abort().subject().to_string(),
+                    s.executor_heartbeat().subject().to_string(),
+                    s.detokenizer_heartbeat().subject().to_string(),
+                    s.detokenizer_ack().subject().to_string(),
+                    s.stats().subject().to_string(),
+                    s.health().subject().to_string(),
+                    s.scheduler_heartbeat().subject().to_string(),
                     format!("{}.>", Role::Scheduler.inbox_prefix()),
                 ];
                 (publish, subscribe, true)
             }
-            Role::Executor => (vec![s.executor_heartbeat()], vec![format!("{p}.v1.executor.*.step")], true),
+            Role::Executor => {
+                (vec![s.executor_heartbeat().subject().to_string()], vec![format!("{p}.v1.executor.*.step")], true)
+            }
             Role::Detokenizer => {
-                let mut publish = vec![s.detokenizer_heartbeat(), s.detokenizer_ack(), s.scheduler_abort()];
+                let mut publish = vec![
+                    s.detokenizer_heartbeat().subject().to_string(),
+                    s.detokenizer_ack().subject().to_string(),
+                    s.scheduler_abort().subject().to_string(),
+                ];
                 publish.extend(replies);
                 let subscribe = vec![
                     format!("{p}.v1.detokenizer.*.events"),
                     format!("{p}.v1.detokenizer.*.report"),
-                    s.scheduler_heartbeat(),
+                    s.scheduler_heartbeat().subject().to_string(),
                 ];
                 (publish, subscribe, true)
             }
@@ -139,7 +149,14 @@ pub struct Permissions {
 
 /// The public subjects a client may use: each exported by the services' account.
 pub fn client_subjects(s: &Subjects) -> Vec<String> {
-    vec![s.generate(), s.abort(), s.tokenize(), s.detokenize(), s.models(), s.health()]
+    vec![
+        s.generate().subject().to_string(),
+        s.abort().subject().to_string(),
+        s.tokenize().subject().to_string(),
+        s.detokenize().subject().to_string(),
+        s.models().subject().to_string(),
+        s.health().subject().to_string(),
+    ]
 }
 
 /// Public keys of every user of a deployment's bus.
@@ -196,7 +213,7 @@ impl AuthLayout {
         let _ = writeln!(out, "    ]");
         let _ = writeln!(out, "    exports = [");
         for subject in client_subjects(s) {
-            let stream = if subject == s.generate() {
+            let stream = if subject == s.generate().subject() {
                 format!(", response_type: stream, response_threshold: \"{RESPONSE_THRESHOLD}\"")
             } else {
                 String::new()

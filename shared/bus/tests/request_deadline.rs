@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use pagemesh_bus::bus::{Bus, BusError, NatsOptions};
+use pagemesh_shared::wire::{Encoding, Endpoint};
 
 /// A nats-server on a free loopback port, stopped when dropped.
 struct NatsServer {
@@ -49,6 +50,10 @@ fn options(url: &str) -> NatsOptions {
     }
 }
 
+fn slow() -> Endpoint<String, String> {
+    Endpoint::new("deadline.slow".into(), Encoding::Json)
+}
+
 /// Answers every request on `subject` after `delay`.
 async fn slow_responder(bus: &Bus, subject: &str, delay: Duration) {
     let mut requests = bus.client.subscribe(subject.to_string()).await.expect("subscribe");
@@ -72,15 +77,13 @@ fn a_request_waits_past_the_clients_default_timeout_when_its_deadline_allows() {
         let bus = Bus::connect(&options(&server.url), "pagemesh-test", Duration::from_secs(10)).await.expect("connect");
         slow_responder(&bus, "deadline.slow", Duration::from_secs(11)).await;
         let started = Instant::now();
-        let answer: Result<String, BusError> =
-            bus.request_json("deadline.slow".into(), &"step", Duration::from_secs(20)).await;
+        let answer: Result<String, BusError> = bus.request(&slow(), &"step".to_string(), Duration::from_secs(20)).await;
         assert_eq!(answer.expect("an answer after 11 s, within the 20 s deadline"), "late but fine");
         assert!(started.elapsed() >= Duration::from_secs(11));
 
         // And the caller's deadline still holds when it is the shorter one.
         let started = Instant::now();
-        let answer: Result<String, BusError> =
-            bus.request_json("deadline.slow".into(), &"step", Duration::from_secs(1)).await;
+        let answer: Result<String, BusError> = bus.request(&slow(), &"step".to_string(), Duration::from_secs(1)).await;
         assert!(matches!(answer, Err(BusError::Timeout(_))), "{answer:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
     });

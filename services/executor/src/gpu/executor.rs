@@ -1,4 +1,4 @@
-//! The step runner of the GPU path: what [`Executor`](crate::Executor) does on the CPU —
+//! The step runner of the GPU path: what [`CpuExecutor`](crate::CpuExecutor) does on the CPU —
 //! swaps, copies, one forward pass, sampling — over a [`KernelBackend`].
 
 use std::collections::HashMap;

@@ -6,14 +6,17 @@
 
 use std::time::{Duration, Instant};
 
-use crate::Executor;
+use crate::CpuExecutor;
 use actix::prelude::*;
 use futures::StreamExt;
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ExecutorRegistration, StepReply, StepRequest, StepResponse};
 use pagemesh_shared::{SeqId, StepOutput, StepPlan};
 
-use pagemesh_bus::bus::{decode, Bus};
+use pagemesh_bus::bus::Bus;
+use pagemesh_bus::parts::{Assembled, Assembler};
+use pagemesh_shared::limits;
+use pagemesh_shared::step_delta::PlanMirror;
 
 /// How often an executor announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
@@ -30,13 +33,13 @@ pub trait StepBackend: Send {
     }
 }
 
-impl StepBackend for Executor {
+impl StepBackend for CpuExecutor {
     fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
-        Executor::execute(self, plan).map_err(|e| e.to_string())
+        CpuExecutor::execute(self, plan).map_err(|e| e.to_string())
     }
 
     fn culprits(&self, plan: &StepPlan) -> Vec<SeqId> {
-        Executor::culprits(self, plan)
+        CpuExecutor::culprits(self, plan)
     }
 }
 
@@ -54,18 +57,18 @@ impl Actor for StepWorker {
 /// Run one step.
 #[derive(Message)]
 #[rtype(result = "StepReply")]
-pub struct RunStep(pub StepRequest);
+pub struct RunStep(pub StepPlan);
 
 impl Handler<RunStep> for StepWorker {
     type Result = MessageResult<RunStep>;
 
     fn handle(&mut self, msg: RunStep, _: &mut Self::Context) -> Self::Result {
         let started = Instant::now();
-        let reply = match self.executor.execute(&msg.0.plan) {
+        let reply = match self.executor.execute(&msg.0) {
             Ok(output) => StepReply::Done(output),
             Err(message) => {
                 self.failures.increment(1);
-                let seq_ids = self.executor.culprits(&msg.0.plan);
+                let seq_ids = self.executor.culprits(&msg.0);
                 if seq_ids.is_empty() {
                     StepReply::Failed(message)
                 } else {
@@ -83,7 +86,16 @@ pub struct ExecutorService {
     bus: Bus,
     registration: ExecutorRegistration,
     worker: Addr<StepWorker>,
+    /// Step messages sent in parts, put together.
+    assembler: Assembler,
+    /// The scheduler session the mirror belongs to.
+    session: Option<u64>,
+    /// What this executor has been told per sequence in that session.
+    mirror: PlanMirror,
 }
+
+/// Largest step message put together from parts.
+const MAX_STEP_BYTES: usize = 256 << 20;
 
 impl ExecutorService {
     /// An executor service for a loaded executor; `registration` describes its pools.
@@ -104,7 +116,15 @@ impl ExecutorService {
             duration: duration.clone(),
             failures: failures.clone(),
         });
-        Self { bus, registration, worker }.start()
+        Self {
+            bus,
+            registration,
+            worker,
+            assembler: Assembler::new(MAX_STEP_BYTES),
+            session: None,
+            mirror: PlanMirror::new(),
+        }
+        .start()
     }
 }
 
@@ -115,7 +135,7 @@ impl Actor for ExecutorService {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let subject = self.bus.subjects.executor_step(&self.registration.executor_id);
+        let subject = self.bus.subjects.executor_step(&self.registration.executor_id).subject().to_string();
         let client = self.bus.client.clone();
         ctx.wait(async move { client.subscribe(subject).await }.into_actor(self).map(|result, _, ctx| match result {
             Ok(sub) => {
@@ -138,8 +158,7 @@ impl ExecutorService {
         let registration = self.registration.clone();
         ctx.spawn(
             async move {
-                let subject = bus.subjects.executor_heartbeat();
-                if let Err(e) = bus.publish_json(subject, &registration).await {
+                if let Err(e) = bus.publish(&bus.subjects.executor_heartbeat(), &registration).await {
                     eprintln!("executor: heartbeat failed: {e}");
                 }
             }
@@ -148,36 +167,61 @@ impl ExecutorService {
     }
 }
 
+impl ExecutorService {
+    /// The plan a step request stands for, or the answer refusing it.
+    fn plan_of(&mut self, request: StepRequest) -> Result<StepPlan, StepReply> {
+        let incarnation = self.registration.incarnation;
+        if request.incarnation != incarnation {
+            // A step for an earlier life of this executor: its blocks are not here.
+            let message = format!(
+                "this step is for incarnation {}; this executor is incarnation {incarnation}",
+                request.incarnation
+            );
+            return Err(StepReply::Failed(message));
+        }
+        if self.session != Some(request.session) {
+            self.session = Some(request.session);
+            self.mirror = PlanMirror::new();
+        }
+        self.mirror.decode(request.plan, limits::MAX_EXECUTOR_SEQUENCES).map_err(|e| {
+            pagemesh_bus::refusals::refuse("executor", "step", &e.message);
+            StepReply::Refused { message: e.message, seq_ids: e.seq_ids }
+        })
+    }
+}
+
 impl StreamHandler<IncomingStep> for ExecutorService {
     fn handle(&mut self, IncomingStep(msg): IncomingStep, ctx: &mut Self::Context) {
-        let Some(reply) = msg.reply.clone() else { return };
-        let bus = self.bus.clone();
-        let request = decode::<StepRequest>(msg.subject.as_str(), &msg.payload);
-        if let Err(e) = &request {
-            pagemesh_bus::refusals::refuse("executor", "step", &e.to_string());
-        }
-        let worker = self.worker.clone();
+        let bytes = match self.assembler.accept(msg.headers.as_ref(), &msg.payload) {
+            Assembled::Complete(bytes) => Ok(bytes),
+            Assembled::Partial => return,
+            Assembled::Refused(message) => Err(message),
+        };
+        let Some(reply) = msg.reply.clone() else {
+            pagemesh_bus::refusals::refuse("executor", "step", "a step without a reply subject");
+            return;
+        };
+        let endpoint = self.bus.subjects.executor_step(&self.registration.executor_id);
+        let request = bytes.and_then(|bytes| endpoint.requests().decode(&bytes).map_err(|e| e.to_string()));
         let incarnation = self.registration.incarnation;
+        let (step, plan) = match request {
+            Ok(request) => (request.step, self.plan_of(request)),
+            Err(message) => {
+                pagemesh_bus::refusals::refuse("executor", "step", &message);
+                (0, Err(StepReply::Failed(message)))
+            }
+        };
+        let bus = self.bus.clone();
+        let worker = self.worker.clone();
         // The worker runs steps one at a time in arrival order; heartbeats go on meanwhile.
         ctx.spawn(
             async move {
-                let (step, outcome) = match request {
-                    // A step for an earlier life of this executor: its blocks are not here.
-                    Ok(req) if req.incarnation != incarnation => (
-                        req.step,
-                        StepReply::Failed(format!(
-                            "this step is for incarnation {}; this executor is incarnation {incarnation}",
-                            req.incarnation
-                        )),
-                    ),
-                    Ok(req) => {
-                        let step = req.step;
-                        (step, worker.send(RunStep(req)).await.unwrap_or_else(|e| StepReply::Failed(e.to_string())))
-                    }
-                    Err(e) => (0, StepReply::Failed(e.to_string())),
+                let outcome = match plan {
+                    Ok(plan) => worker.send(RunStep(plan)).await.unwrap_or_else(|e| StepReply::Failed(e.to_string())),
+                    Err(refusal) => refusal,
                 };
                 let answer = StepResponse { incarnation, step, reply: outcome };
-                if let Err(e) = bus.publish_json(reply.to_string(), &answer).await {
+                if let Err(e) = bus.respond(&endpoint, reply.to_string(), &answer).await {
                     eprintln!("executor: cannot answer a step: {e}");
                 }
             }

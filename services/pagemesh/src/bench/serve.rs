@@ -208,7 +208,7 @@ fn run_nats(
         let bus = pagemesh_bus::bus::Bus::connect(&options, "pagemesh-bench", Duration::from_secs(10))
             .await
             .map_err(|e| e.to_string())?;
-        let subject = bus.subjects.generate();
+        let subject = bus.subjects.generate().subject().to_string();
         let permits = Arc::new(tokio::sync::Semaphore::new(limit));
         let started = tokio::time::Instant::now();
         let mut tasks = Vec::with_capacity(requests.len());

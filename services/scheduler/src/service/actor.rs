@@ -29,8 +29,12 @@ use super::early_aborts::EarlyAborts;
 use super::fair_queue::FairQueue;
 use super::leadership::{Decision, Leadership, Rank};
 use super::metrics::{ExecutorMetrics, ModelMetrics, RequestTiming};
-use pagemesh_bus::bus::{decode, Bus, BusError, OrderedPublisher};
+use pagemesh_bus::bus::{Bus, BusError, OrderedPublisher};
 use pagemesh_bus::refusals::refuse;
+use pagemesh_shared::step_delta::PlanMirror;
+use pagemesh_shared::wire::{Endpoint, Topic};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// Limits and timeouts of the scheduler service.
 #[derive(Debug, Clone)]
@@ -67,6 +71,8 @@ struct ExecutorSlot {
     generation: u64,
     /// The step awaited (its number), if any.
     in_flight: Option<u64>,
+    /// What the executor has been told per sequence in this slot's session (its generation).
+    mirror: PlanMirror,
     /// The requests of the step in flight: a step that fails is blamed on them.
     in_flight_requests: Vec<String>,
     metrics: ExecutorMetrics,
@@ -203,8 +209,21 @@ fn abort_authority(
     msg: &async_nats::Message,
     subjects: &pagemesh_shared::subjects::Subjects,
 ) -> Option<Option<String>> {
-    let public = msg.subject.as_str() == subjects.abort();
+    let public = msg.subject.as_str() == subjects.abort().subject();
     public.then(|| pagemesh_bus::bus::requester_account(msg))
+}
+
+/// An abort as it arrived: JSON on the public subject, MessagePack on the internal one.
+fn decode_abort(
+    msg: &async_nats::Message,
+    subjects: &pagemesh_shared::subjects::Subjects,
+) -> Result<AbortRequest, pagemesh_shared::wire::WireError> {
+    let public = subjects.abort();
+    if msg.subject.as_str() == public.subject() {
+        public.decode(&msg.payload)
+    } else {
+        subjects.scheduler_abort().decode(&msg.payload)
+    }
 }
 
 /// How an abort for a request that has not arrived yet is remembered: with the account it
@@ -233,7 +252,7 @@ async fn collect_streams(
     let mut after: Option<String> = None;
     for _ in 0..MAX_REPORT_PAGES {
         let request = StreamReportRequest { term, after: after.clone() };
-        let page: StreamReport = bus.request_json(subject.clone(), &request, REPORT_TIMEOUT).await?;
+        let page: StreamReport = bus.request(&subject, &request, REPORT_TIMEOUT).await?;
         let Some(last) = page.streams.last().map(|s| s.open.request_id.clone()) else { break };
         for stream in page.streams {
             match limits.check_stream(&stream) {
@@ -295,27 +314,33 @@ impl SchedulerService {
     }
 
     /// Publishes in order: what is published to one subscriber arrives in the order sent.
-    fn publish<T: serde::Serialize + 'static>(&mut self, _ctx: &mut Context<Self>, subject: String, value: T) {
+    fn publish<M: Serialize + DeserializeOwned>(&mut self, topic: Topic<M>, message: M) {
+        self.outbox().publish(&topic, &message);
+    }
+
+    /// Answers a request of `endpoint`, in order with what is published.
+    fn respond<Req, Resp>(&mut self, endpoint: Endpoint<Req, Resp>, reply: String, response: Resp)
+    where
+        Req: Serialize + DeserializeOwned,
+        Resp: Serialize + DeserializeOwned,
+    {
+        self.outbox().respond(&endpoint, reply, &response);
+    }
+
+    fn outbox(&mut self) -> &OrderedPublisher {
         let bus = &self.bus;
-        self.outbox.get_or_insert_with(|| OrderedPublisher::start(bus)).publish_json(subject, &value);
+        self.outbox.get_or_insert_with(|| OrderedPublisher::start(bus))
     }
 
     /// Sends an event to a detokenizer, under this scheduler's term.
-    fn send_event(&mut self, ctx: &mut Context<Self>, detokenizer: &str, event: DetokenizerEvent) {
-        let subject = self.bus.subjects.detokenizer_events(detokenizer);
-        self.publish(ctx, subject, DetokenizerMessage { term: self.leadership.term(), event });
+    fn send_event(&mut self, detokenizer: &str, event: DetokenizerEvent) {
+        let topic = self.bus.subjects.detokenizer_events(detokenizer);
+        self.publish(topic, DetokenizerMessage { term: self.leadership.term(), event });
     }
 
-    fn reply_error(
-        &mut self,
-        ctx: &mut Context<Self>,
-        reply_to: &str,
-        request_id: &str,
-        kind: ErrorKind,
-        message: String,
-    ) {
+    fn reply_error(&mut self, reply_to: &str, request_id: &str, kind: ErrorKind, message: String) {
         self.metrics.error(kind);
-        self.publish(ctx, reply_to.to_string(), ErrorReply::new(Some(request_id.to_string()), kind, message));
+        self.publish(Topic::json(reply_to), ErrorReply::new(Some(request_id.to_string()), kind, message));
     }
 
     fn engine_config(&self, registration: &ExecutorRegistration) -> EngineConfig {
@@ -336,7 +361,7 @@ impl SchedulerService {
             self.on_submit(submit, ctx);
         }
         if let Some(reply) = ack_to.filter(|r| limits::check_reply_subject(r).is_ok()) {
-            self.publish(ctx, reply, ack);
+            self.respond(self.bus.subjects.submit(), reply, ack);
         }
     }
 
@@ -346,13 +371,13 @@ impl SchedulerService {
             refuse("scheduler", "submit", &message);
             if limits::check_reply_subject(&submit.reply_to).is_ok() {
                 let id = submit.request_id.chars().take(limits::MAX_REQUEST_ID_LEN).collect::<String>();
-                self.reply_error(ctx, &submit.reply_to, &id, ErrorKind::InvalidRequest, message);
+                self.reply_error(&submit.reply_to, &id, ErrorKind::InvalidRequest, message);
             }
             return;
         }
         if self.requests.contains_key(&submit.request_id) {
             let message = format!("a request with id `{}` is already running", submit.request_id);
-            self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::InvalidRequest, message);
+            self.reply_error(&submit.reply_to, &submit.request_id, ErrorKind::InvalidRequest, message);
             return;
         }
         if self.early_aborts.take(&abort_key(submit.owner.as_deref(), &submit.request_id), Instant::now()) {
@@ -360,12 +385,12 @@ impl SchedulerService {
             self.metrics.aborted();
             let message = format!("request `{}` was aborted before it started", submit.request_id);
             let error = ErrorReply::new(Some(submit.request_id), ErrorKind::InvalidRequest, message);
-            self.publish(ctx, submit.reply_to, error);
+            self.publish(Topic::json(submit.reply_to), error);
             return;
         }
         if self.unplaced.len() >= self.config.engine.max_waiting_requests {
             let message = "the server is overloaded: too many requests are waiting".to_string();
-            self.reply_error(ctx, &submit.reply_to, &submit.request_id, ErrorKind::Overloaded, message);
+            self.reply_error(&submit.reply_to, &submit.request_id, ErrorKind::Overloaded, message);
             return;
         }
         let id = submit.request_id.clone();
@@ -374,7 +399,7 @@ impl SchedulerService {
         if let Some(detokenizer) = self.pick_detokenizer() {
             state.detokenizer = detokenizer.clone();
             let open = state.open_request(None);
-            self.send_event(ctx, &detokenizer, DetokenizerEvent::Open(Box::new(open)));
+            self.send_event(&detokenizer, DetokenizerEvent::Open(Box::new(open)));
         }
         self.requests.insert(id.clone(), state);
         self.queue(&id);
@@ -458,7 +483,7 @@ impl SchedulerService {
         let resumed = done > 0;
         if resumed && submit.params.n > 1 {
             let id = submit.request_id.clone();
-            self.fail(ctx, &id, "the executor serving this request was lost and a request with n > 1 cannot move");
+            self.fail(&id, "the executor serving this request was lost and a request with n > 1 cannot move");
             return;
         }
         let resumed_output = if resumed { state.generated[0].clone() } else { Vec::new() };
@@ -479,13 +504,13 @@ impl SchedulerService {
             };
             let (reply, id) = (submit.reply_to.clone(), submit.request_id.clone());
             if resumed {
-                self.fail(ctx, &id, &format!("the request could not move to another executor: {e}"));
+                self.fail(&id, &format!("the request could not move to another executor: {e}"));
             } else if !state.detokenizer.is_empty() {
                 // Its stream is open (it waited its turn): the detokenizer ends it.
-                self.fail_with(ctx, &id, kind, &e.to_string());
+                self.fail_with(&id, kind, &e.to_string());
             } else {
                 self.requests.remove(&id);
-                self.reply_error(ctx, &reply, &id, kind, e.to_string());
+                self.reply_error(&reply, &id, kind, e.to_string());
             }
             return;
         }
@@ -504,7 +529,7 @@ impl SchedulerService {
         if needs_detokenizer {
             state.detokenizer = detokenizer.clone();
             let open = state.open_request(None);
-            self.send_event(ctx, &detokenizer, DetokenizerEvent::Open(Box::new(open)));
+            self.send_event(&detokenizer, DetokenizerEvent::Open(Box::new(open)));
         }
         self.drive(&target, ctx);
     }
@@ -518,12 +543,12 @@ impl SchedulerService {
     }
 
     /// Ends a request with an error on its stream (or its inbox if no stream is open).
-    fn fail(&mut self, ctx: &mut Context<Self>, request_id: &str, message: &str) {
-        self.fail_with(ctx, request_id, ErrorKind::Unavailable, message);
+    fn fail(&mut self, request_id: &str, message: &str) {
+        self.fail_with(request_id, ErrorKind::Unavailable, message);
     }
 
     /// [`fail`](Self::fail) with the kind of error a client that has no chunk yet is told.
-    fn fail_with(&mut self, ctx: &mut Context<Self>, request_id: &str, kind: ErrorKind, message: &str) {
+    fn fail_with(&mut self, request_id: &str, kind: ErrorKind, message: &str) {
         let Some(state) = self.requests.remove(request_id) else { return };
         self.by_core.remove(&state.core_id);
         if let Some(executor) = &state.executor {
@@ -532,7 +557,7 @@ impl SchedulerService {
             }
         }
         if state.detokenizer.is_empty() {
-            self.reply_error(ctx, &state.submit.reply_to, request_id, kind, message.to_string());
+            self.reply_error(&state.submit.reply_to, request_id, kind, message.to_string());
         } else {
             self.metrics.error(kind);
             let event = DetokenizerEvent::Finish {
@@ -541,7 +566,7 @@ impl SchedulerService {
                 message: Some(message.to_string()),
                 kind: Some(kind),
             };
-            self.send_event(ctx, &state.detokenizer, event);
+            self.send_event(&state.detokenizer, event);
         }
     }
 
@@ -562,6 +587,7 @@ impl SchedulerService {
         let step = self.next_step;
         slot.in_flight = Some(step);
         let (generation, incarnation) = (slot.generation, slot.registration.incarnation);
+        let delta = slot.mirror.encode(&plan);
         slot.metrics.step_sent(&plan);
         slot.in_flight_requests.clear();
         let now = Instant::now();
@@ -575,13 +601,13 @@ impl SchedulerService {
             }
         }
         let bus = self.bus.clone();
-        let subject = bus.subjects.executor_step(executor);
+        let endpoint = bus.subjects.executor_step(executor);
         let timeout = self.config.step_timeout;
         let executor = executor.to_string();
         ctx.spawn(
             async move {
-                let request = StepRequest { incarnation, step, plan };
-                let result = bus.request_json::<_, StepResponse>(subject, &request, timeout).await;
+                let request = StepRequest { incarnation, step, session: generation, plan: delta };
+                let result = bus.request(&endpoint, &request, timeout).await;
                 StepDone { executor, generation, step, result }
             }
             .into_actor(self)
@@ -589,7 +615,7 @@ impl SchedulerService {
         );
     }
 
-    fn route(&mut self, events: Vec<RequestEvent>, ctx: &mut Context<Self>) {
+    fn route(&mut self, events: Vec<RequestEvent>) {
         let now = Instant::now();
         let mut batches: Vec<(String, Vec<TokenEvent>)> = Vec::new();
         for event in events {
@@ -627,7 +653,7 @@ impl SchedulerService {
                 }
                 self.release_if_done(&request_id);
             }
-            self.send_event(ctx, &detokenizer, DetokenizerEvent::Tokens { request_id, tokens });
+            self.send_event(&detokenizer, DetokenizerEvent::Tokens { request_id, tokens });
         }
     }
 
@@ -662,7 +688,7 @@ impl SchedulerService {
                 let events = slot.core.process_output(&output);
                 slot.metrics.step_done(&slot.core);
                 slot.metrics.generated(output.results.iter().map(|r| r.samples.len()).sum());
-                self.route(events, ctx);
+                self.route(events);
                 // Room may have opened: the next step takes whoever's turn it is.
                 self.admit(ctx);
                 self.drive(&done.executor, ctx);
@@ -698,7 +724,7 @@ impl SchedulerService {
         let blamed = if named.is_empty() { in_step } else { named };
         let registration = slot.registration.clone();
         for id in &blamed {
-            self.fail(ctx, id, &format!("the executor could not run this request: {message}"));
+            self.fail(id, &format!("the executor could not run this request: {message}"));
         }
         let Some(slot) = self.executors.remove(executor) else { return };
         let moved = self.requests_on(executor);
@@ -766,14 +792,14 @@ impl SchedulerService {
                 let core_id = state.core_id;
                 if let Some(slot) = self.executors.get_mut(&executor) {
                     let events = slot.core.abort_request(core_id);
-                    self.route(events, ctx);
+                    self.route(events);
                     self.drive(&executor, ctx);
                 }
             }
             None if !state.all_finished() => {
                 // Waiting for an executor: it ends here.
                 self.unplaced.retain(|(id, _)| id != request_id);
-                self.fail(ctx, request_id, "aborted");
+                self.fail(request_id, "aborted");
             }
             None => {}
         }
@@ -806,7 +832,7 @@ impl SchedulerService {
 
     /// Moves the streams of a lost detokenizer to another one, from where their published
     /// chunks had got.
-    fn lose_detokenizer(&mut self, lost: &str, ctx: &mut Context<Self>) {
+    fn lose_detokenizer(&mut self, lost: &str) {
         let moved: Vec<String> =
             self.requests.iter().filter(|(_, s)| s.detokenizer == lost).map(|(id, _)| id.clone()).collect();
         for id in moved {
@@ -815,7 +841,7 @@ impl SchedulerService {
                 if let Some(state) = self.requests.get_mut(&id) {
                     state.detokenizer.clear();
                 }
-                self.fail(ctx, &id, "the detokenizer serving this request was lost and no other is running");
+                self.fail(&id, "the detokenizer serving this request was lost and no other is running");
                 continue;
             }
             let Some(target) = self.pick_detokenizer() else { continue };
@@ -846,9 +872,9 @@ impl SchedulerService {
                 }
             }
             eprintln!("scheduler: stream of {id} moves to detokenizer {target}");
-            self.send_event(ctx, &target, DetokenizerEvent::Open(Box::new(open)));
+            self.send_event(&target, DetokenizerEvent::Open(Box::new(open)));
             if !tokens.is_empty() {
-                self.send_event(ctx, &target, DetokenizerEvent::Tokens { request_id: id, tokens });
+                self.send_event(&target, DetokenizerEvent::Tokens { request_id: id, tokens });
             }
         }
     }
@@ -905,6 +931,7 @@ impl SchedulerService {
             last_seen: now,
             generation: self.next_generation,
             in_flight: None,
+            mirror: PlanMirror::new(),
             in_flight_requests: Vec::new(),
             metrics: ExecutorMetrics::new(&self.config.model, &registration.executor_id),
             registration: registration.clone(),
@@ -953,7 +980,7 @@ impl SchedulerService {
         for id in gone {
             eprintln!("scheduler: detokenizer {id} is gone; moving its streams");
             self.detokenizers.remove(&id);
-            self.lose_detokenizer(&id, ctx);
+            self.lose_detokenizer(&id);
         }
         // Requests wait for their turn as long as it takes, but for an executor (or a
         // detokenizer) to exist only up to the unplaced timeout.
@@ -963,7 +990,7 @@ impl SchedulerService {
                 self.unplaced.iter().filter(|(_, since)| now - *since > limit).map(|(id, _)| id.clone()).collect();
             self.unplaced.retain(|(_, since)| now - *since <= limit);
             for id in expired {
-                self.fail(ctx, &id, "no executor is available to serve this request");
+                self.fail(&id, "no executor is available to serve this request");
             }
         }
         self.admit(ctx);
@@ -978,7 +1005,7 @@ impl SchedulerService {
     /// request moved off a lost executor). Executors register on their next heartbeat.
     fn take_over(&mut self, term: u64, ctx: &mut Context<Self>) {
         eprintln!("scheduler {}: serving (term {term})", self.id);
-        self.announce(ctx);
+        self.announce();
         for detokenizer in self.detokenizers.keys().cloned().collect::<Vec<_>>() {
             let (bus, limits) = (self.bus.clone(), self.config.limits);
             ctx.spawn(
@@ -1014,7 +1041,7 @@ impl SchedulerService {
             adopted += 1;
             if unfinished && self.early_aborts.take(&id, Instant::now()) {
                 // Aborted while no scheduler served.
-                self.fail(ctx, &id, "aborted");
+                self.fail(&id, "aborted");
             } else if unfinished {
                 self.queue(&id);
             }
@@ -1041,15 +1068,14 @@ impl SchedulerService {
     }
 
     /// Publishes this scheduler's heartbeat.
-    fn announce(&mut self, ctx: &mut Context<Self>) {
+    fn announce(&mut self) {
         let beat = SchedulerHeartbeat {
             id: self.id.clone(),
             active: self.leadership.is_active(),
             term: self.leadership.term(),
             started_ms: self.started_ms,
         };
-        let subject = self.bus.subjects.scheduler_heartbeat();
-        self.publish(ctx, subject, beat);
+        self.publish(self.bus.subjects.scheduler_heartbeat(), beat);
     }
 
     fn stats(&self) -> serde_json::Value {
@@ -1067,7 +1093,7 @@ impl SchedulerService {
         json!({"model": self.config.model, "scheduler": self.id, "term": self.leadership.term(),
                "executors": executors, "detokenizers": self.detokenizers.len(),
                "requests": self.requests.len(), "unplaced": self.unplaced.len(), "migrated_requests": self.migrated,
-               "stale_step_replies": self.stale_replies})
+               "stale_step_replies": self.stale_replies, "steps_sent_in_parts": self.bus.split_requests()})
     }
 }
 
@@ -1080,15 +1106,31 @@ impl Actor for SchedulerService {
         ctx.wait(
             async move {
                 let subs = [
-                    client.subscribe(s.submit()).await?.map(Incoming::Submit).boxed(),
-                    client.subscribe(s.scheduler_abort()).await?.map(Incoming::Abort).boxed(),
-                    client.subscribe(s.abort()).await?.map(Incoming::PublicAbort).boxed(),
-                    client.subscribe(s.executor_heartbeat()).await?.map(Incoming::ExecutorBeat).boxed(),
-                    client.subscribe(s.detokenizer_heartbeat()).await?.map(Incoming::DetokenizerBeat).boxed(),
-                    client.subscribe(s.detokenizer_ack()).await?.map(Incoming::DetokenizerAck).boxed(),
-                    client.subscribe(s.stats()).await?.map(Incoming::Stats).boxed(),
-                    client.subscribe(s.health()).await?.map(Incoming::Health).boxed(),
-                    client.subscribe(s.scheduler_heartbeat()).await?.map(Incoming::SchedulerBeat).boxed(),
+                    client.subscribe(s.submit().subject().to_string()).await?.map(Incoming::Submit).boxed(),
+                    client.subscribe(s.scheduler_abort().subject().to_string()).await?.map(Incoming::Abort).boxed(),
+                    client.subscribe(s.abort().subject().to_string()).await?.map(Incoming::PublicAbort).boxed(),
+                    client
+                        .subscribe(s.executor_heartbeat().subject().to_string())
+                        .await?
+                        .map(Incoming::ExecutorBeat)
+                        .boxed(),
+                    client
+                        .subscribe(s.detokenizer_heartbeat().subject().to_string())
+                        .await?
+                        .map(Incoming::DetokenizerBeat)
+                        .boxed(),
+                    client
+                        .subscribe(s.detokenizer_ack().subject().to_string())
+                        .await?
+                        .map(Incoming::DetokenizerAck)
+                        .boxed(),
+                    client.subscribe(s.stats().subject().to_string()).await?.map(Incoming::Stats).boxed(),
+                    client.subscribe(s.health().subject().to_string()).await?.map(Incoming::Health).boxed(),
+                    client
+                        .subscribe(s.scheduler_heartbeat().subject().to_string())
+                        .await?
+                        .map(Incoming::SchedulerBeat)
+                        .boxed(),
                 ];
                 Ok::<_, async_nats::SubscribeError>(futures::stream::select_all(subs))
             }
@@ -1104,7 +1146,7 @@ impl Actor for SchedulerService {
             }),
         );
         ctx.run_interval(Duration::from_millis(200), |act, ctx| act.tick(ctx));
-        ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
+        ctx.run_interval(HEARTBEAT_INTERVAL, |act, _| act.announce());
         pagemesh_bus::refusals::register(
             "scheduler",
             &[
@@ -1128,14 +1170,14 @@ impl SchedulerService {
         match item {
             Incoming::SchedulerBeat(msg) => self.on_scheduler_beat_message(&msg),
             Incoming::DetokenizerBeat(msg) => {
-                if let Ok(beat) = decode::<Heartbeat>(msg.subject.as_str(), &msg.payload) {
+                if let Ok(beat) = self.bus.subjects.detokenizer_heartbeat().decode(&msg.payload) {
                     if limits::check_instance_id(&beat.id).is_ok() {
                         self.detokenizers.insert(beat.id, Instant::now());
                     }
                 }
             }
             Incoming::Abort(msg) | Incoming::PublicAbort(msg) => {
-                if let Ok(abort) = decode::<AbortRequest>(msg.subject.as_str(), &msg.payload) {
+                if let Ok(abort) = decode_abort(&msg, &self.bus.subjects) {
                     if limits::check_request_id(&abort.request_id).is_ok() {
                         let owner = abort_authority(&msg, &self.bus.subjects).flatten();
                         self.early_aborts.remember(&abort_key(owner.as_deref(), &abort.request_id), Instant::now());
@@ -1147,7 +1189,11 @@ impl SchedulerService {
     }
 
     fn on_scheduler_beat_message(&mut self, msg: &async_nats::Message) {
-        let beat = decode::<SchedulerHeartbeat>(msg.subject.as_str(), &msg.payload)
+        let beat = self
+            .bus
+            .subjects
+            .scheduler_heartbeat()
+            .decode(&msg.payload)
             .map_err(|e| e.to_string())
             .and_then(|beat| limits::check_instance_id(&beat.id).map(|()| beat));
         match beat {
@@ -1182,12 +1228,12 @@ impl StreamHandler<Incoming> for SchedulerService {
             return;
         }
         match item {
-            Incoming::Submit(msg) => match decode::<SubmitRequest>(msg.subject.as_str(), &msg.payload) {
+            Incoming::Submit(msg) => match self.bus.subjects.submit().requests().decode(&msg.payload) {
                 Ok(submit) => self.on_submit_message(submit, msg.reply.map(|r| r.to_string()), ctx),
                 Err(e) => refuse("scheduler", "submit", &e.to_string()),
             },
             Incoming::Abort(msg) | Incoming::PublicAbort(msg) => {
-                let abort = decode::<AbortRequest>(msg.subject.as_str(), &msg.payload)
+                let abort = decode_abort(&msg, &self.bus.subjects)
                     .map_err(|e| e.to_string())
                     .and_then(|abort| limits::check_request_id(&abort.request_id).map(|()| abort));
                 match abort {
@@ -1197,17 +1243,21 @@ impl StreamHandler<Incoming> for SchedulerService {
                         let reply = msg.reply.filter(|r| limits::check_reply_subject(r).is_ok());
                         if let Some(reply) = reply {
                             let error = ErrorReply::new(None, ErrorKind::InvalidRequest, e);
-                            self.publish(ctx, reply.to_string(), error);
+                            self.publish(Topic::json(reply.to_string()), error);
                         }
                     }
                 }
             }
-            Incoming::ExecutorBeat(msg) => match decode::<ExecutorRegistration>(msg.subject.as_str(), &msg.payload) {
+            Incoming::ExecutorBeat(msg) => match self.bus.subjects.executor_heartbeat().decode(&msg.payload) {
                 Ok(registration) => self.on_executor_beat(registration, ctx),
                 Err(e) => refuse("scheduler", "executor_heartbeat", &e.to_string()),
             },
             Incoming::DetokenizerBeat(msg) => {
-                let beat = decode::<Heartbeat>(msg.subject.as_str(), &msg.payload)
+                let beat = self
+                    .bus
+                    .subjects
+                    .detokenizer_heartbeat()
+                    .decode(&msg.payload)
                     .map_err(|e| e.to_string())
                     .and_then(|beat| limits::check_instance_id(&beat.id).map(|()| beat));
                 match beat {
@@ -1216,7 +1266,11 @@ impl StreamHandler<Incoming> for SchedulerService {
                 }
             }
             Incoming::DetokenizerAck(msg) => {
-                let ack = decode::<DetokenizerAck>(msg.subject.as_str(), &msg.payload)
+                let ack = self
+                    .bus
+                    .subjects
+                    .detokenizer_ack()
+                    .decode(&msg.payload)
                     .map_err(|e| e.to_string())
                     .and_then(|ack| limits::check_ack(&ack).map(|()| ack));
                 match ack {
@@ -1227,7 +1281,7 @@ impl StreamHandler<Incoming> for SchedulerService {
             Incoming::Stats(msg) => {
                 if let Some(reply) = msg.reply {
                     let stats = self.stats();
-                    self.publish(ctx, reply.to_string(), stats);
+                    self.respond(self.bus.subjects.stats(), reply.to_string(), stats);
                 }
             }
             Incoming::SchedulerBeat(msg) => self.on_scheduler_beat_message(&msg),
@@ -1236,7 +1290,7 @@ impl StreamHandler<Incoming> for SchedulerService {
                     let ready = !self.executors.is_empty() && !self.detokenizers.is_empty();
                     let health = json!({"live": true, "ready": ready, "executors": self.executors.len(),
                                         "detokenizers": self.detokenizers.len(), "scheduler": self.id});
-                    self.publish(ctx, reply.to_string(), health);
+                    self.respond(self.bus.subjects.health(), reply.to_string(), health);
                 }
             }
         }

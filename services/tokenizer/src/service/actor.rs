@@ -11,9 +11,7 @@ use actix::prelude::*;
 use futures::StreamExt;
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::metrics::{self as names, labels};
-use pagemesh_shared::protocol::{
-    ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitAck, SubmitRequest, TextOptions,
-};
+use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest, TextOptions};
 use pagemesh_shared::subjects::{Subjects, TOKENIZER_QUEUE};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -22,6 +20,7 @@ use super::prompt_renderer::PromptRenderer;
 use pagemesh_bus::bus::{new_id, Bus, BusError};
 use pagemesh_bus::metrics_endpoint::request_error;
 use pagemesh_bus::refusals::refuse;
+use pagemesh_shared::wire::Topic;
 
 /// What the tokenizer knows of the model.
 pub struct ModelInfo {
@@ -256,10 +255,14 @@ impl Actor for TokenizerService {
         let s = self.bus.subjects.clone();
         ctx.wait(
             async move {
-                let generate = client.queue_subscribe(s.generate(), TOKENIZER_QUEUE.to_string()).await?;
-                let tokenize = client.queue_subscribe(s.tokenize(), TOKENIZER_QUEUE.to_string()).await?;
-                let detokenize = client.queue_subscribe(s.detokenize(), TOKENIZER_QUEUE.to_string()).await?;
-                let models = client.queue_subscribe(s.models(), TOKENIZER_QUEUE.to_string()).await?;
+                let generate =
+                    client.queue_subscribe(s.generate().subject().to_string(), TOKENIZER_QUEUE.to_string()).await?;
+                let tokenize =
+                    client.queue_subscribe(s.tokenize().subject().to_string(), TOKENIZER_QUEUE.to_string()).await?;
+                let detokenize =
+                    client.queue_subscribe(s.detokenize().subject().to_string(), TOKENIZER_QUEUE.to_string()).await?;
+                let models =
+                    client.queue_subscribe(s.models().subject().to_string(), TOKENIZER_QUEUE.to_string()).await?;
                 Ok::<_, async_nats::SubscribeError>(futures::stream::select_all([
                     generate.map(Incoming::Generate).boxed(),
                     tokenize.map(Incoming::Tokenize).boxed(),
@@ -292,7 +295,7 @@ const SUBMIT_DEADLINE: Duration = Duration::from_secs(6);
 async fn hand_to_scheduler(bus: &Bus, submit: &SubmitRequest) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + SUBMIT_DEADLINE;
     loop {
-        let answer = bus.request_json::<_, SubmitAck>(bus.subjects.submit(), submit, SUBMIT_ACK_TIMEOUT).await;
+        let answer = bus.request(&bus.subjects.submit(), submit, SUBMIT_ACK_TIMEOUT).await;
         let last = tokio::time::Instant::now() >= deadline;
         match answer {
             Ok(_) => return Ok(()),
@@ -320,11 +323,11 @@ impl Tokenizing {
     /// The answer to a tokenize, detokenize or models request.
     fn answer(&self, msg: &async_nats::Message, subjects: &Subjects) -> Value {
         let started = Instant::now();
-        if msg.subject.as_str() == subjects.tokenize() {
+        if msg.subject.as_str() == subjects.tokenize().subject() {
             let answer = self.tokenize(&msg.payload);
             self.observe("tokenize", started);
             answer
-        } else if msg.subject.as_str() == subjects.detokenize() {
+        } else if msg.subject.as_str() == subjects.detokenize().subject() {
             let answer = self.detokenize(&msg.payload);
             self.observe("detokenize", started);
             answer
@@ -368,11 +371,13 @@ impl StreamHandler<Incoming> for TokenizerService {
                                 if let Err(message) = hand_to_scheduler(&bus, &submit).await {
                                     let id = Some(submit.request_id.clone());
                                     let error = ErrorReply::new(id, ErrorKind::Unavailable, message);
-                                    let _ = bus.publish_json(reply, &error).await;
+                                    let _ = bus.publish(&Topic::json(reply), &error).await;
                                 }
                             }
                             Err((request_id, r)) => {
-                                let _ = bus.publish_json(reply, &ErrorReply::new(request_id, r.kind, r.message)).await;
+                                let _ = bus
+                                    .publish(&Topic::json(reply), &ErrorReply::new(request_id, r.kind, r.message))
+                                    .await;
                             }
                         }
                     }
@@ -387,7 +392,7 @@ impl StreamHandler<Incoming> for TokenizerService {
                         let answer = off_the_loop(permits, move || work.answer(&msg, &subjects))
                             .await
                             .unwrap_or_else(|m| error_value(Rejection { kind: ErrorKind::Internal, message: m }));
-                        let _ = bus.publish_json(reply, &answer).await;
+                        let _ = bus.publish(&Topic::<Value>::json(reply), &answer).await;
                     }
                     .into_actor(self),
                 );
