@@ -3,14 +3,16 @@ per step, with 256 sequences running on a `sim` executor that takes no time
 (`--sim-time-scale 0`), so that the mesh's own work is all there is.
 
     python3 benchmarks/step_cost.py [--model ../shared/models/stories260K] [--seqs 256]
-                                    [--logit-bias 0] [--seconds 1.5]
+                                    [--logit-bias 0] [--seconds 8] [--context 4096]
 
 Needs nats-server on PATH and `nats-py`; starts nats-server (with its monitoring port) and the
 scheduler, tokenizer, detokenizer and executor as separate processes (binary from
 $PAGEMESH_BIN, else target/release/pagemesh). Bytes come from nats-server's /connz (what the
 server received from the scheduler's connection and sent to the executor's); CPU time from
 /proc/<scheduler pid>/stat; steps from the scheduler's stats. Each request: a 32-token prompt,
-`max_tokens` up to the context, `ignore_eos`, greedy, with `--logit-bias` entries.
+`max_tokens` up to the context, `ignore_eos`, greedy, with `--logit-bias` entries. The `sim`
+executor needs only the model's configuration: the script serves a copy of it with a
+`--context`-token context (default 4096), so that requests outlast the window.
 """
 
 import argparse
@@ -18,8 +20,10 @@ import asyncio
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -69,7 +73,7 @@ async def measure(url, monitor, scheduler_pid, args):
     nc = await nats_py.connect(url)
     try:
         bias = {str(10 + i): -1.0 for i in range(args.logit_bias)}
-        body = {"max_tokens": 460, "ignore_eos": True, "temperature": 0, "stream": True}
+        body = {"max_tokens": args.context - 64, "ignore_eos": True, "temperature": 0, "stream": True}
         if bias:
             body["logit_bias"] = bias
         subs = []
@@ -98,8 +102,17 @@ def main():
     parser.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "stories260K"))
     parser.add_argument("--seqs", type=int, default=256)
     parser.add_argument("--logit-bias", type=int, default=0)
-    parser.add_argument("--seconds", type=float, default=1.5)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--context", type=int, default=4096)
     args = parser.parse_args()
+    model_dir = Path(tempfile.mkdtemp(prefix="pagemesh-stepcost-"))
+    for f in Path(args.model).iterdir():
+        if f.is_file() and f.name != "config.json":
+            (model_dir / f.name).symlink_to(f.resolve())
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    config["max_position_embeddings"] = args.context
+    (model_dir / "config.json").write_text(json.dumps(config))
+    args.model = str(model_dir)
 
     port, monitor = free_port(), free_port()
     url = f"nats://127.0.0.1:{port}"
@@ -119,13 +132,14 @@ def main():
         start("tokenizer", *model)
         start("detokenizer", *model)
         start("executor", *model, "--device", "sim", "--sim-time-scale", "0", "--max-num-seqs", str(args.seqs),
-              "--num-device-blocks", str(args.seqs * 40), "--num-host-blocks", "0")
+              "--num-device-blocks", str(args.seqs * (args.context // 16 + 2)), "--num-host-blocks", "0")
         time.sleep(3)
         first, last = asyncio.run(measure(url, monitor, scheduler.pid, args))
     finally:
         for p in reversed(procs):
             p.terminate()
             p.wait(timeout=10)
+        shutil.rmtree(model_dir, ignore_errors=True)
     steps = last["steps"] - first["steps"]
     per = {k: (last[k] - first[k]) / steps for k in ("scheduler_sent", "executor_received", "executor_sent", "cpu")}
     print(json.dumps({

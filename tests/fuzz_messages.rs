@@ -52,17 +52,17 @@ fn templates() -> Vec<(&'static str, Value)> {
         ("submit_ack", json!({"request_id": "r1"})),
         (
             "event",
-            json!({"term": 1, "event": {"Open": {"request_id": "r1", "reply_to": "_INBOX.a",
+            json!({"term": 1, "events": [{"Open": {"request_id": "r1", "reply_to": "_INBOX.a",
             "prompt_token_ids": [1, 2], "n": 2, "stop": ["s"], "stream": true, "logprobs": false,
             "resume": {"next_index": 1, "consumed": [[4], []], "closed": [false, false]},
-            "params": params, "seed": 4}}}),
+            "params": params, "seed": 4}}]}),
         ),
         (
             "event",
-            json!({"term": 2, "event": {"Tokens": {"request_id": "r1", "tokens": [{"sample_index": 1,
-            "token": {"token": 4, "logprob": -0.5, "top_logprobs": [[4, -0.5]]}, "finish": "length"}]}}}),
+            json!({"term": 2, "events": [{"Tokens": {"request_id": "r1", "tokens": [{"sample_index": 1,
+            "token": {"token": 4, "logprob": -0.5, "top_logprobs": [[4, -0.5]]}, "finish": "length"}]}},
+            {"Finish": {"request_id": "r1", "reason": "error", "message": "m"}}]}),
         ),
-        ("event", json!({"term": 2, "event": {"Finish": {"request_id": "r1", "reason": "error", "message": "m"}}})),
         ("report_request", json!({"term": 3, "after": "r0"})),
         (
             "report",
@@ -310,7 +310,11 @@ fn receive(kind: &str, bytes: &[u8]) -> Depth {
             Err(_) => Depth::Undecodable,
         },
         "event" => match wire_decode::<DetokenizerMessage>(kind, bytes) {
-            Ok(message) => depth(true, limits::check_detokenizer_event(&message.event).is_ok()),
+            Ok(message) => depth(
+                true,
+                message.events.len() <= limits::MAX_EVENTS_PER_MESSAGE
+                    && message.events.iter().all(|e| limits::check_detokenizer_event(e).is_ok()),
+            ),
             Err(_) => Depth::Undecodable,
         },
         "report_request" => depth(wire_decode::<StreamReportRequest>(kind, bytes).is_ok(), true),

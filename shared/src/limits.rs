@@ -210,6 +210,9 @@ pub fn check_ack(ack: &DetokenizerAck) -> Result<(), String> {
     Ok(())
 }
 
+/// Most events in one message to a detokenizer (a step's tokens for every request it serves).
+pub const MAX_EVENTS_PER_MESSAGE: usize = MAX_OPEN_STREAMS;
+
 /// Checks what a detokenizer is sent: ids, reply subject, sample counts and indices, and
 /// token lists of at most [`MAX_SEQUENCE_TOKENS`].
 pub fn check_detokenizer_event(event: &DetokenizerEvent) -> Result<(), String> {

@@ -456,18 +456,19 @@ pub struct OpenRequest {
     #[serde(default)]
     pub seed: u64,
     /// The client account that sent the request, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub owner: Option<String>,
 }
 
-/// Internal (v1): what a scheduler sends a detokenizer: an event, under the scheduler's term
-/// (events of a term below the highest the detokenizer has heard are dropped).
+/// Internal: what a scheduler sends a detokenizer: events, in order, under the scheduler's
+/// term (events of a term below the highest the detokenizer has heard are dropped). A step's
+/// tokens for every request on one detokenizer go in one message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DetokenizerMessage {
     /// The sending scheduler's term.
     pub term: u64,
-    /// The event.
-    pub event: DetokenizerEvent,
+    /// The events, at most [`crate::limits::MAX_EVENTS_PER_MESSAGE`].
+    pub events: Vec<DetokenizerEvent>,
 }
 
 /// Internal (v1): a scheduler taking over asks each detokenizer for its open streams, a page

@@ -70,8 +70,8 @@ pub struct ScheduledSeq {
 /// How to sample the next token(s) of a sequence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleSpec {
-    /// The request's parameters.
-    pub params: SamplingParams,
+    /// The request's parameters (shared: a plan refers to them, it does not copy them).
+    pub params: std::sync::Arc<SamplingParams>,
     /// The resolved seed of the request's random stream.
     pub seed: u64,
     /// Index of the first sample drawn here among the request's `n` samples.

@@ -12,6 +12,7 @@
 //! a fresh mirror (a new session) whenever that may not hold (a lost or failed step).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -89,7 +90,7 @@ pub struct DeltaError {
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Known {
     block_table: Vec<BlockId>,
-    params: Option<SamplingParams>,
+    params: Option<Arc<SamplingParams>>,
     seed: Option<u64>,
 }
 
@@ -133,11 +134,14 @@ impl PlanMirror {
                 };
                 known.block_table.clone_from(&seq.block_table);
                 let sample = seq.sample.as_ref().map(|spec| {
-                    let params = if known.params.as_ref() == Some(&spec.params) {
+                    // The core's plans share one `Arc` per request: usually a pointer comparison.
+                    let same =
+                        known.params.as_ref().is_some_and(|p| Arc::ptr_eq(p, &spec.params) || **p == *spec.params);
+                    let params = if same {
                         None
                     } else {
                         known.params = Some(spec.params.clone());
-                        Some(spec.params.clone())
+                        Some((*spec.params).clone())
                     };
                     let seed = (known.seed != Some(spec.seed)).then_some(spec.seed);
                     known.seed = Some(spec.seed);
@@ -211,7 +215,7 @@ impl PlanMirror {
                 None => None,
                 Some(sample) => {
                     if let Some(params) = sample.params {
-                        known.params = Some(params);
+                        known.params = Some(Arc::new(params));
                     }
                     if let Some(seed) = sample.seed {
                         known.seed = Some(seed);
@@ -265,7 +269,7 @@ mod tests {
             block_table: table.to_vec(),
             history: None,
             sample: params.map(|params| SampleSpec {
-                params,
+                params: Arc::new(params),
                 seed: 3,
                 sample_index: 0,
                 num_samples: 1,

@@ -2,7 +2,8 @@
 //! types that travel on it ([`Topic`] for published messages, [`Endpoint`] for request/reply).
 //!
 //! Public subjects carry JSON and are documented in `docs/protocol.md`. Internal subjects carry
-//! MessagePack and the version of their protocol in their name (`<prefix>.v1.…`).
+//! MessagePack and the version of their protocol in their name (`<prefix>.v1.…`); the two
+//! that carry every step (steps and their answers, token events) go with fields by position.
 
 use serde_json::Value;
 
@@ -95,7 +96,7 @@ impl Subjects {
     }
     /// Internal: token events for one detokenizer.
     pub fn detokenizer_events(&self, detokenizer_id: &str) -> Topic<DetokenizerMessage> {
-        self.internal(&format!("detokenizer.{detokenizer_id}.events"))
+        Topic::new(format!("{}.v1.detokenizer.{detokenizer_id}.events", self.prefix), Encoding::MessagePackCompact)
     }
 
     fn public<M: serde::Serialize + serde::de::DeserializeOwned>(&self, name: &str) -> Topic<M> {

@@ -4,8 +4,9 @@
 //! A [`Topic<M>`] is a subject messages of type `M` are published on; an
 //! [`Endpoint<Req, Resp>`] is a request/reply subject. Public subjects (any NATS client may use
 //! them) carry JSON; internal subjects carry MessagePack with field names (self-describing,
-//! about half JSON's size), steps and their answers MessagePack with fields by position (a
-//! fraction of that: a decode step costs tens of bytes per sequence), and an executor's
+//! about half JSON's size), the subjects every step crosses (steps, their answers, token
+//! events) MessagePack with fields by position (a fraction of that: a decode step costs about
+//! 20 bytes per sequence), and an executor's
 //! registration names the internal protocol version it speaks
 //! ([`crate::protocol::INTERNAL_PROTOCOL_VERSION`]).
 
@@ -189,7 +190,7 @@ mod tests {
                 block_table: vec![5, 6],
                 history: Some(vec![]),
                 sample: Some(SampleSpec {
-                    params,
+                    params: params.into(),
                     seed: u64::MAX,
                     sample_index: 0,
                     num_samples: 2,

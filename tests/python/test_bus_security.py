@@ -340,7 +340,7 @@ def test_hostile_steps_and_detokenizer_events_are_refused(bus, secured_mesh, ref
                                                               "finish": None}]}},
                 ]
                 for event in events:
-                    message = {"term": 10**6, "event": event}
+                    message = {"term": 10**6, "events": [event]}
                     await scheduler.publish(f"{PREFIX}.v1.detokenizer.known.events", msgpack.packb(message))
                 await scheduler.publish(f"{PREFIX}.v1.detokenizer.known.events", b"\x92\x01")
                 await scheduler.flush()

@@ -525,20 +525,25 @@ impl DetokenizerService {
     }
 
     fn on_event(&mut self, msg: &async_nats::Message, ctx: &mut Context<Self>) {
-        let message = self
-            .bus
-            .subjects
-            .detokenizer_events(&self.id)
-            .decode(&msg.payload)
-            .map_err(|e| e.to_string())
-            .and_then(|m| limits::check_detokenizer_event(&m.event).map(|()| m))
-            .and_then(|m| self.check_capacity(&m.event).map(|()| m));
+        let message =
+            self.bus.subjects.detokenizer_events(&self.id).decode(&msg.payload).map_err(|e| e.to_string()).and_then(
+                |m| match m.events.len() {
+                    0..=limits::MAX_EVENTS_PER_MESSAGE => Ok(m),
+                    n => Err(format!("{n} events in one message; at most {}", limits::MAX_EVENTS_PER_MESSAGE)),
+                },
+            );
         match message {
             // From a scheduler that was replaced: the new one owns the stream now.
             Ok(message) if message.term < self.term => {}
             Ok(message) => {
                 self.term = message.term;
-                self.process(message.event, ctx);
+                for event in message.events {
+                    // Each event is checked on its own: a bad one does not take the others down.
+                    match limits::check_detokenizer_event(&event).and_then(|()| self.check_capacity(&event)) {
+                        Ok(()) => self.process(event, ctx),
+                        Err(e) => refuse("detokenizer", "event", &e),
+                    }
+                }
             }
             Err(e) => refuse("detokenizer", "event", &e),
         }

@@ -12,7 +12,7 @@ use pagemesh_shared::{SampleSpec, SamplingParams, ScheduledSeq, StepPlan};
 
 fn spec() -> SampleSpec {
     SampleSpec {
-        params: SamplingParams::greedy(1),
+        params: SamplingParams::greedy(1).into(),
         seed: 0,
         sample_index: 0,
         num_samples: 1,

@@ -201,7 +201,7 @@ mod tests {
 
     fn spec(params: SamplingParams) -> SampleSpec {
         SampleSpec {
-            params,
+            params: params.into(),
             seed: 42,
             sample_index: 0,
             num_samples: 1,

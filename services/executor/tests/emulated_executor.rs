@@ -20,7 +20,15 @@ const BS: usize = 4;
 fn spec(prompt_len: usize) -> SampleSpec {
     let mut params = SamplingParams::greedy(64);
     params.logprobs = Some(3);
-    SampleSpec { params, seed: 7, sample_index: 0, num_samples: 1, prompt_len, output_len: 0, banned_tokens: vec![] }
+    SampleSpec {
+        params: params.into(),
+        seed: 7,
+        sample_index: 0,
+        num_samples: 1,
+        prompt_len,
+        output_len: 0,
+        banned_tokens: vec![],
+    }
 }
 
 fn seq(id: u64, tokens: &[u32], start: usize, table: &[u32], sample: bool, history: Option<Vec<u32>>) -> ScheduledSeq {

@@ -81,7 +81,7 @@ fn stories260k_greedy_tokens_match_the_reference_through_the_emulated_kernels() 
     }
     let mut cache = model.new_cache(block_size, total, 0).expect("cache");
     let greedy = SampleSpec {
-        params: SamplingParams::greedy(1),
+        params: SamplingParams::greedy(1).into(),
         seed: 0,
         sample_index: 0,
         num_samples: 1,

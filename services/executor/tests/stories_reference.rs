@@ -31,7 +31,7 @@ fn greedy(executor: &mut CpuExecutor, prompt: &[u32], steps: usize) -> Vec<u32> 
     let blocks = total.div_ceil(bs) as u32;
     let table: Vec<u32> = (0..blocks).rev().collect();
     let spec = SampleSpec {
-        params: SamplingParams::greedy(steps),
+        params: SamplingParams::greedy(steps).into(),
         seed: 0,
         sample_index: 0,
         num_samples: 1,

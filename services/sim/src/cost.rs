@@ -148,7 +148,7 @@ mod tests {
             block_table: Vec::new(),
             history: None,
             sample: Some(SampleSpec {
-                params: SamplingParams::default(),
+                params: SamplingParams::default().into(),
                 seed: 0,
                 sample_index: 0,
                 num_samples: 1,

@@ -30,7 +30,7 @@ impl Scheduler {
             arrival,
             prompt_len,
             stop_tokens: stop_tokens(&req.params, &self.eos_token_ids),
-            params: req.params,
+            params: std::sync::Arc::new(req.params),
             seed: req.seed,
             seqs: vec![Sequence::new(seq_id, 0, [req.prompt_token_ids, req.resumed_output].concat())],
             forked: false,

@@ -60,7 +60,8 @@ pub(crate) struct Group {
     /// Arrival order (monotonic over the scheduler's life).
     pub(crate) arrival: u64,
     pub(crate) prompt_len: usize,
-    pub(crate) params: SamplingParams,
+    /// Shared with every plan that samples it (plans refer to it, they do not copy it).
+    pub(crate) params: std::sync::Arc<SamplingParams>,
     pub(crate) seed: u64,
     /// Stop tokens (eos unless `ignore_eos`, plus `stop_token_ids`), sorted, deduplicated.
     pub(crate) stop_tokens: Vec<u32>,

@@ -74,7 +74,7 @@ struct ExecutorSlot {
     /// What the executor has been told per sequence in this slot's session (its generation).
     mirror: PlanMirror,
     /// The requests of the step in flight: a step that fails is blamed on them.
-    in_flight_requests: Vec<String>,
+    in_flight_requests: Vec<u64>,
     metrics: ExecutorMetrics,
 }
 
@@ -334,8 +334,13 @@ impl SchedulerService {
 
     /// Sends an event to a detokenizer, under this scheduler's term.
     fn send_event(&mut self, detokenizer: &str, event: DetokenizerEvent) {
+        self.send_events(detokenizer, vec![event]);
+    }
+
+    /// Sends events to a detokenizer in one message, under this scheduler's term.
+    fn send_events(&mut self, detokenizer: &str, events: Vec<DetokenizerEvent>) {
         let topic = self.bus.subjects.detokenizer_events(detokenizer);
-        self.publish(topic, DetokenizerMessage { term: self.leadership.term(), event });
+        self.publish(topic, DetokenizerMessage { term: self.leadership.term(), events });
     }
 
     fn reply_error(&mut self, reply_to: &str, request_id: &str, kind: ErrorKind, message: String) {
@@ -592,14 +597,14 @@ impl SchedulerService {
         slot.in_flight_requests.clear();
         let now = Instant::now();
         for seq in &plan.seqs {
-            let request = slot.core.request_of(seq.seq_id).and_then(|core_id| self.by_core.get(&core_id));
-            if let Some((id, state)) = request.and_then(|id| self.requests.get_mut(id).map(|s| (id, s))) {
+            let Some(core_id) = slot.core.request_of(seq.seq_id) else { continue };
+            if let Some(state) = self.by_core.get(&core_id).and_then(|id| self.requests.get_mut(id)) {
                 state.timing.scheduled(&self.metrics, now);
-                if !slot.in_flight_requests.contains(id) {
-                    slot.in_flight_requests.push(id.clone());
-                }
+                slot.in_flight_requests.push(core_id);
             }
         }
+        slot.in_flight_requests.sort_unstable();
+        slot.in_flight_requests.dedup();
         let bus = self.bus.clone();
         let endpoint = bus.subjects.executor_step(executor);
         let timeout = self.config.step_timeout;
@@ -618,6 +623,7 @@ impl SchedulerService {
     fn route(&mut self, events: Vec<RequestEvent>) {
         let now = Instant::now();
         let mut batches: Vec<(String, Vec<TokenEvent>)> = Vec::new();
+        let mut batch_of: HashMap<u64, usize> = HashMap::new();
         for event in events {
             let Some(request_id) = self.by_core.get(&event.request_id).cloned() else { continue };
             let Some(state) = self.requests.get_mut(&request_id) else { continue };
@@ -631,11 +637,16 @@ impl SchedulerService {
                 }
             }
             let token_event = TokenEvent { sample_index: event.sample_index, token: event.token, finish: event.finish };
-            match batches.iter_mut().find(|(id, _)| *id == request_id) {
-                Some((_, list)) => list.push(token_event),
-                None => batches.push((request_id, vec![token_event])),
+            match batch_of.get(&event.request_id) {
+                Some(&i) => batches[i].1.push(token_event),
+                None => {
+                    batch_of.insert(event.request_id, batches.len());
+                    batches.push((request_id, vec![token_event]));
+                }
             }
         }
+        // One message per detokenizer with every request's tokens, in the order they came.
+        let mut outgoing: Vec<(String, Vec<DetokenizerEvent>)> = Vec::new();
         for (request_id, tokens) in batches {
             let Some(state) = self.requests.get_mut(&request_id) else { continue };
             if tokens.iter().any(|t| t.token.is_some()) {
@@ -653,7 +664,14 @@ impl SchedulerService {
                 }
                 self.release_if_done(&request_id);
             }
-            self.send_event(&detokenizer, DetokenizerEvent::Tokens { request_id, tokens });
+            let event = DetokenizerEvent::Tokens { request_id, tokens };
+            match outgoing.iter_mut().find(|(d, _)| *d == detokenizer) {
+                Some((_, events)) => events.push(event),
+                None => outgoing.push((detokenizer, vec![event])),
+            }
+        }
+        for (detokenizer, events) in outgoing {
+            self.send_events(&detokenizer, events);
         }
     }
 
@@ -715,7 +733,10 @@ impl SchedulerService {
     /// failed is not sent again.
     fn fail_step(&mut self, executor: &str, message: &str, seq_ids: &[SeqId], ctx: &mut Context<Self>) {
         let Some(slot) = self.executors.get_mut(executor) else { return };
-        let in_step = std::mem::take(&mut slot.in_flight_requests);
+        let in_step: Vec<String> = std::mem::take(&mut slot.in_flight_requests)
+            .iter()
+            .filter_map(|core_id| self.by_core.get(core_id).cloned())
+            .collect();
         let named: Vec<String> = seq_ids
             .iter()
             .filter_map(|&seq| slot.core.request_of(seq))
