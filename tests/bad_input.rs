@@ -80,3 +80,28 @@ fn invalid_json_and_missing_files_are_reported() {
     assert!(stderr.contains("/nonexistent/model") && !stderr.contains("panicked"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn generate_runs_on_the_sim_backend_and_refuses_cuda_without_a_gpu_clearly() {
+    // The same engine on the simulated GPU: every request served to its length (the tokens are
+    // the simulator's, not the model's), every block free after.
+    let lines: Vec<Value> = (0..6)
+        .map(|i| json!({"prompt_token_ids": [1, 3 + i, 40, 41], "max_tokens": 7 + i, "temperature": 0}))
+        .collect();
+    let run = generate(&model_dir(), &lines, &["--device", "sim", "--sim-time-scale", "0"]);
+    for (i, output) in run.outputs.iter().enumerate() {
+        assert_eq!(output["outputs"][0]["token_ids"].as_array().map(Vec::len), Some(7 + i), "line {i}: {output}");
+    }
+    assert_all_blocks_free(&run.stats);
+
+    // With no NVIDIA driver here, `--device cuda` is an error naming the flag, not a panic.
+    let cuda = std::process::Command::new(env!("CARGO_BIN_EXE_pagemesh"))
+        .args(["generate", "--device", "cuda", "--input", "/nonexistent", "--output", "/dev/null", "--model"])
+        .arg(model_dir())
+        .output()
+        .expect("pagemesh runs");
+    let stderr = String::from_utf8_lossy(&cuda.stderr);
+    if pagemesh_executor::gpu::device::probe_cuda().is_err() {
+        assert!(!cuda.status.success() && stderr.contains("--device cuda") && !stderr.contains("panicked"), "{stderr}");
+    }
+}

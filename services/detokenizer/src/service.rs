@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use futures::StreamExt;
 use pagemesh_shared::limits::{self, MAX_OPEN_STREAMS};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
@@ -18,6 +17,7 @@ use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
 
 use pagemesh_bus::bus::Bus;
+use pagemesh_bus::listen::{listen, Subscription};
 use pagemesh_bus::refusals::refuse;
 use pagemesh_shared::wire::Topic;
 
@@ -407,27 +407,13 @@ impl Actor for DetokenizerService {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let client = self.bus.client.clone();
-        let subject = self.bus.subjects.detokenizer_events(&self.id).subject().to_string();
-        let beats = self.bus.subjects.scheduler_heartbeat().subject().to_string();
-        let reports = self.bus.subjects.detokenizer_report(&self.id).subject().to_string();
-        let subscribe = async move {
-            let subs = [
-                client.subscribe(subject).await?.map(Incoming::Event).boxed(),
-                client.subscribe(beats).await?.map(Incoming::SchedulerBeat).boxed(),
-                client.subscribe(reports).await?.map(Incoming::Report).boxed(),
-            ];
-            Ok::<_, async_nats::SubscribeError>(futures::stream::select_all(subs))
-        };
-        ctx.wait(subscribe.into_actor(self).map(|result, _, ctx| match result {
-            Ok(sub) => {
-                ctx.add_stream(sub);
-            }
-            Err(e) => {
-                eprintln!("detokenizer: cannot subscribe: {e}");
-                System::current().stop_with_code(1);
-            }
-        }));
+        let s = &self.bus.subjects;
+        let subscriptions = vec![
+            Subscription::new(s.detokenizer_events(&self.id).subject(), Incoming::Event),
+            Subscription::new(s.scheduler_heartbeat().subject(), Incoming::SchedulerBeat),
+            Subscription::new(s.detokenizer_report(&self.id).subject(), Incoming::Report),
+        ];
+        listen(self, ctx, self.bus.client.clone(), subscriptions, "detokenizer");
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| {
             act.announce(ctx);
             act.watch_scheduler(ctx);

@@ -1,4 +1,5 @@
-//! In-process wiring of the scheduler and one executor.
+//! In-process wiring of the scheduler and one executor, on any backend (the CPU executor, a
+//! CUDA GPU, the `sim` backend).
 //!
 //! [`Engine`] is the thin layer between the pure scheduler and an executor: it resolves seeds,
 //! submits requests, hands each [`StepPlan`](pagemesh_shared::StepPlan) to the executor and
@@ -7,8 +8,9 @@
 
 use std::collections::HashMap;
 
+use pagemesh_executor::backends::{DeviceArgs, StepBackend};
 use pagemesh_executor::engine_args::{eos_token_ids, EngineArgs};
-use pagemesh_executor::{CpuExecutor, ExecutorError};
+use pagemesh_executor::{CpuExecutor, ModelConfig};
 use pagemesh_scheduler::{AdmissionError, BlockUsage, NewRequest, RequestEvent, Scheduler, SchedulerStats};
 use pagemesh_shared::{EngineConfig, FinishReason, SampledToken, SamplingParams};
 use serde::Serialize;
@@ -21,8 +23,8 @@ pub enum EngineError {
     #[error(transparent)]
     Admission(#[from] AdmissionError),
     /// The executor failed a step.
-    #[error(transparent)]
-    Executor(#[from] ExecutorError),
+    #[error("{0}")]
+    Executor(String),
 }
 
 /// One sample's result.
@@ -69,10 +71,11 @@ pub struct EngineStats {
     pub num_host_blocks: usize,
 }
 
-/// The scheduler and one executor in one process.
-pub struct Engine {
+/// The scheduler and one executor (the CPU executor unless said otherwise) in one process.
+pub struct Engine<B: StepBackend = CpuExecutor> {
     scheduler: Scheduler,
-    executor: CpuExecutor,
+    executor: B,
+    vocab_size: usize,
     next_request_id: u64,
     pending: HashMap<u64, RequestOutput>,
     want_logprobs: HashMap<u64, bool>,
@@ -89,11 +92,21 @@ pub struct StepShape {
 }
 
 impl Engine {
-    /// An engine driving `executor` (whose cache must have the config's pool sizes).
+    /// An engine driving the CPU `executor` (whose cache must have the config's pool sizes).
     pub fn new(executor: CpuExecutor, config: EngineConfig, eos_token_ids: Vec<u32>) -> Self {
+        let vocab_size = executor.model().config.vocab_size;
+        Engine::on(executor, config, eos_token_ids, vocab_size)
+    }
+}
+
+impl<B: StepBackend> Engine<B> {
+    /// An engine driving `executor`, any backend (whose pools must have the config's sizes),
+    /// for a model of `vocab_size` tokens.
+    pub fn on(executor: B, config: EngineConfig, eos_token_ids: Vec<u32>, vocab_size: usize) -> Self {
         Self {
             scheduler: Scheduler::new(config, eos_token_ids),
             executor,
+            vocab_size,
             next_request_id: 0,
             pending: HashMap::new(),
             want_logprobs: HashMap::new(),
@@ -102,13 +115,13 @@ impl Engine {
     }
 
     /// The executor.
-    pub fn executor(&self) -> &CpuExecutor {
+    pub fn executor(&self) -> &B {
         &self.executor
     }
 
     /// Submits a request; its seed is drawn at random when the params have none.
     pub fn add_request(&mut self, prompt_token_ids: Vec<u32>, params: SamplingParams) -> Result<u64, EngineError> {
-        let vocab = self.executor.model().config.vocab_size;
+        let vocab = self.vocab_size;
         if let Some(bad) = prompt_token_ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(AdmissionError::Invalid(format!(
                 "prompt token id {bad} is outside the vocabulary (size {vocab})"
@@ -158,7 +171,7 @@ impl Engine {
             return Ok(Vec::new());
         };
         self.last_step = Some(StepShape { seqs: plan.seqs.len(), tokens: plan.num_tokens() });
-        let output = self.executor.execute(&plan)?;
+        let output = self.executor.execute(&plan).map_err(EngineError::Executor)?;
         let events = self.scheduler.process_output(&output);
         Ok(self.apply(events))
     }
@@ -241,4 +254,14 @@ pub fn build(args: &EngineArgs) -> Result<Engine, String> {
     let (executor, config) = args.load_executor()?;
     let eos = eos_token_ids(&args.model, &executor.model().config.eos_token_ids)?;
     Ok(Engine::new(executor, config, eos))
+}
+
+/// Sets the threads and builds an in-process engine on the backend `device` names (the CPU
+/// executor, a CUDA GPU or the `sim` backend).
+pub fn build_on(args: &EngineArgs, device: &DeviceArgs) -> Result<Engine<Box<dyn StepBackend>>, String> {
+    args.set_threads()?;
+    let model = ModelConfig::load(&args.model).map_err(|e| e.to_string())?;
+    let (backend, config) = device.executor_backend(args)?;
+    let eos = eos_token_ids(&args.model, &model.eos_token_ids)?;
+    Ok(Engine::on(backend, config, eos, model.vocab_size))
 }

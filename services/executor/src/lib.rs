@@ -5,6 +5,7 @@
 //! copies, one forward pass over a flat batch of prefill chunks and decode tokens reading and
 //! writing the paged KV cache, and sampling. It never allocates KV blocks itself.
 
+pub mod backends;
 pub mod config;
 pub mod cpu;
 pub mod engine_args;

@@ -15,6 +15,7 @@ use pagemesh_shared::SamplingParams;
 use pagemesh_tokenizer::TextTokenizer;
 use serde_json::{json, Value};
 
+use pagemesh_executor::backends::DeviceArgs;
 use pagemesh_executor::engine_args::EngineArgs;
 
 /// Flags of `pagemesh generate`.
@@ -22,6 +23,8 @@ use pagemesh_executor::engine_args::EngineArgs;
 pub struct GenerateArgs {
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// JSONL file of requests.
     #[arg(long)]
     input: PathBuf,
@@ -105,7 +108,8 @@ fn output_json(line: &InputLine, out: &RequestOutput, tokenizer: &TextTokenizer)
 pub fn run(mut args: GenerateArgs) -> Result<(), String> {
     args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     let tokenizer = TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?;
-    let mut engine = pagemesh_engine::build(&args.engine)?;
+    pagemesh_executor::backends::cuda::check_device(&args.device.device, &args.engine)?;
+    let mut engine = pagemesh_engine::build_on(&args.engine, &args.device)?;
     let input = std::fs::File::open(&args.input).map_err(|e| format!("cannot open {}: {e}", args.input.display()))?;
     let mut lines = Vec::new();
     for (n, line) in std::io::BufReader::new(input).lines().enumerate() {

@@ -20,9 +20,9 @@ use pagemesh_bus::bus::{new_id, Bus, NatsOptions};
 use pagemesh_bus::metrics_endpoint::MetricsArgs;
 use pagemesh_bus::nats_auth::{self, Role};
 use pagemesh_detokenizer::service::DetokenizerService;
+use pagemesh_executor::backends::DeviceArgs;
 use pagemesh_executor::engine_args::{eos_token_ids, EngineArgs};
 use pagemesh_executor::service::actor::ExecutorService;
-use pagemesh_executor::service::device_args::DeviceArgs;
 use pagemesh_gateway::service::{configure, count_requests, GatewayState};
 use pagemesh_scheduler::service::actor::{SchedulerConfig, SchedulerService};
 use pagemesh_tokenizer::service::actor::{ModelInfo, TokenizerService};
@@ -395,7 +395,7 @@ fn in_system_then(
 
 /// `pagemesh executor`.
 pub fn executor(mut args: ExecutorArgs) -> Result<(), String> {
-    pagemesh_executor::service::cuda_device::check_device(&args.device.device, &args.engine)?;
+    pagemesh_executor::backends::cuda::check_device(&args.device.device, &args.engine)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);
     args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
@@ -564,7 +564,7 @@ fn ensure_nats(nats: &mut NatsArgs, allowed: bool, insecure: bool) -> Result<Opt
 
 /// `pagemesh serve`: all five services in one process.
 pub fn serve(mut args: ServeArgs) -> Result<(), String> {
-    pagemesh_executor::service::cuda_device::check_device(&args.device.device, &args.engine)?;
+    pagemesh_executor::backends::cuda::check_device(&args.device.device, &args.engine)?;
     let nats_server = ensure_nats(&mut args.nats, !args.no_start_nats, args.insecure_open_bus)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);

@@ -6,42 +6,20 @@
 
 use std::time::{Duration, Instant};
 
-use crate::CpuExecutor;
+use crate::backends::StepBackend;
 use actix::prelude::*;
-use futures::StreamExt;
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ExecutorRegistration, StepReply, StepRequest, StepResponse};
-use pagemesh_shared::{SeqId, StepOutput, StepPlan};
+use pagemesh_shared::StepPlan;
 
 use pagemesh_bus::bus::Bus;
+use pagemesh_bus::listen::{listen, Subscription};
 use pagemesh_bus::parts::{Assembled, Assembler};
 use pagemesh_shared::limits;
 use pagemesh_shared::step_delta::PlanMirror;
 
 /// How often an executor announces itself.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
-
-/// What runs an executor's steps: the model on a device, or a simulation.
-pub trait StepBackend: Send {
-    /// Runs one step.
-    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String>;
-
-    /// After a failed step: the sequences that made it fail, when the backend can tell
-    /// (none: the whole step is blamed).
-    fn culprits(&self, _plan: &StepPlan) -> Vec<SeqId> {
-        Vec::new()
-    }
-}
-
-impl StepBackend for CpuExecutor {
-    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
-        CpuExecutor::execute(self, plan).map_err(|e| e.to_string())
-    }
-
-    fn culprits(&self, plan: &StepPlan) -> Vec<SeqId> {
-        CpuExecutor::culprits(self, plan)
-    }
-}
 
 /// Runs steps on the model, one at a time, off the event loop.
 pub struct StepWorker {
@@ -135,17 +113,9 @@ impl Actor for ExecutorService {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let subject = self.bus.subjects.executor_step(&self.registration.executor_id).subject().to_string();
-        let client = self.bus.client.clone();
-        ctx.wait(async move { client.subscribe(subject).await }.into_actor(self).map(|result, _, ctx| match result {
-            Ok(sub) => {
-                ctx.add_stream(sub.map(IncomingStep));
-            }
-            Err(e) => {
-                eprintln!("executor: cannot subscribe to its step subject: {e}");
-                ctx.stop();
-            }
-        }));
+        let subject = self.bus.subjects.executor_step(&self.registration.executor_id);
+        let subscriptions = vec![Subscription::new(subject.subject(), IncomingStep)];
+        listen(self, ctx, self.bus.client.clone(), subscriptions, "executor");
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| act.announce(ctx));
         self.announce(ctx);
         pagemesh_bus::refusals::register("executor", &["step"]);
@@ -198,7 +168,8 @@ impl StreamHandler<IncomingStep> for ExecutorService {
             Assembled::Refused(message) => Err(message),
         };
         let Some(reply) = msg.reply.clone() else {
-            pagemesh_bus::refusals::refuse("executor", "step", "a step without a reply subject");
+            let why = bytes.err().unwrap_or_else(|| "a step without a reply subject".to_string());
+            pagemesh_bus::refusals::refuse("executor", "step", &why);
             return;
         };
         let endpoint = self.bus.subjects.executor_step(&self.registration.executor_id);

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use crate::{AdmissionError, NewRequest, RequestEvent, Scheduler};
 use actix::prelude::*;
-use futures::StreamExt;
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::protocol::{
     AbortRequest, DetokenizerAck, DetokenizerEvent, DetokenizerMessage, ErrorKind, ErrorReply, ExecutorRegistration,
@@ -30,6 +29,7 @@ use super::fair_queue::FairQueue;
 use super::leadership::{Decision, Leadership, Rank};
 use super::metrics::{ExecutorMetrics, ModelMetrics, RequestTiming};
 use pagemesh_bus::bus::{Bus, BusError, OrderedPublisher};
+use pagemesh_bus::listen::{listen, Subscription};
 use pagemesh_bus::refusals::refuse;
 use pagemesh_shared::step_delta::PlanMirror;
 use pagemesh_shared::wire::{Endpoint, Topic};
@@ -1122,50 +1122,19 @@ impl Actor for SchedulerService {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let client = self.bus.client.clone();
-        let s = self.bus.subjects.clone();
-        ctx.wait(
-            async move {
-                let subs = [
-                    client.subscribe(s.submit().subject().to_string()).await?.map(Incoming::Submit).boxed(),
-                    client.subscribe(s.scheduler_abort().subject().to_string()).await?.map(Incoming::Abort).boxed(),
-                    client.subscribe(s.abort().subject().to_string()).await?.map(Incoming::PublicAbort).boxed(),
-                    client
-                        .subscribe(s.executor_heartbeat().subject().to_string())
-                        .await?
-                        .map(Incoming::ExecutorBeat)
-                        .boxed(),
-                    client
-                        .subscribe(s.detokenizer_heartbeat().subject().to_string())
-                        .await?
-                        .map(Incoming::DetokenizerBeat)
-                        .boxed(),
-                    client
-                        .subscribe(s.detokenizer_ack().subject().to_string())
-                        .await?
-                        .map(Incoming::DetokenizerAck)
-                        .boxed(),
-                    client.subscribe(s.stats().subject().to_string()).await?.map(Incoming::Stats).boxed(),
-                    client.subscribe(s.health().subject().to_string()).await?.map(Incoming::Health).boxed(),
-                    client
-                        .subscribe(s.scheduler_heartbeat().subject().to_string())
-                        .await?
-                        .map(Incoming::SchedulerBeat)
-                        .boxed(),
-                ];
-                Ok::<_, async_nats::SubscribeError>(futures::stream::select_all(subs))
-            }
-            .into_actor(self)
-            .map(|result, _, ctx| match result {
-                Ok(stream) => {
-                    ctx.add_stream(stream);
-                }
-                Err(e) => {
-                    eprintln!("scheduler: cannot subscribe: {e}");
-                    System::current().stop_with_code(1);
-                }
-            }),
-        );
+        let s = &self.bus.subjects;
+        let subscriptions = vec![
+            Subscription::new(s.submit().subject(), Incoming::Submit),
+            Subscription::new(s.scheduler_abort().subject(), Incoming::Abort),
+            Subscription::new(s.abort().subject(), Incoming::PublicAbort),
+            Subscription::new(s.executor_heartbeat().subject(), Incoming::ExecutorBeat),
+            Subscription::new(s.detokenizer_heartbeat().subject(), Incoming::DetokenizerBeat),
+            Subscription::new(s.detokenizer_ack().subject(), Incoming::DetokenizerAck),
+            Subscription::new(s.stats().subject(), Incoming::Stats),
+            Subscription::new(s.health().subject(), Incoming::Health),
+            Subscription::new(s.scheduler_heartbeat().subject(), Incoming::SchedulerBeat),
+        ];
+        listen(self, ctx, self.bus.client.clone(), subscriptions, "scheduler");
         ctx.run_interval(Duration::from_millis(200), |act, ctx| act.tick(ctx));
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, _| act.announce());
         pagemesh_bus::refusals::register(

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::TextTokenizer;
 use actix::prelude::*;
-use futures::StreamExt;
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest, TextOptions};
@@ -18,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::prompt_renderer::PromptRenderer;
 use pagemesh_bus::bus::{new_id, Bus, BusError};
+use pagemesh_bus::listen::{listen, Subscription};
 use pagemesh_bus::metrics_endpoint::request_error;
 use pagemesh_bus::refusals::refuse;
 use pagemesh_shared::wire::Topic;
@@ -251,36 +251,14 @@ impl Actor for TokenizerService {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         pagemesh_bus::refusals::register("tokenizer", &["generate"]);
-        let client = self.bus.client.clone();
-        let s = self.bus.subjects.clone();
-        ctx.wait(
-            async move {
-                let generate =
-                    client.queue_subscribe(s.generate().subject().to_string(), TOKENIZER_QUEUE.to_string()).await?;
-                let tokenize =
-                    client.queue_subscribe(s.tokenize().subject().to_string(), TOKENIZER_QUEUE.to_string()).await?;
-                let detokenize =
-                    client.queue_subscribe(s.detokenize().subject().to_string(), TOKENIZER_QUEUE.to_string()).await?;
-                let models =
-                    client.queue_subscribe(s.models().subject().to_string(), TOKENIZER_QUEUE.to_string()).await?;
-                Ok::<_, async_nats::SubscribeError>(futures::stream::select_all([
-                    generate.map(Incoming::Generate).boxed(),
-                    tokenize.map(Incoming::Tokenize).boxed(),
-                    detokenize.map(Incoming::Detokenize).boxed(),
-                    models.map(Incoming::Models).boxed(),
-                ]))
-            }
-            .into_actor(self)
-            .map(|result, _, ctx| match result {
-                Ok(stream) => {
-                    ctx.add_stream(stream);
-                }
-                Err(e) => {
-                    eprintln!("tokenizer: cannot subscribe: {e}");
-                    System::current().stop_with_code(1);
-                }
-            }),
-        );
+        let s = &self.bus.subjects;
+        let subscriptions = vec![
+            Subscription::in_queue(s.generate().subject(), TOKENIZER_QUEUE, Incoming::Generate),
+            Subscription::in_queue(s.tokenize().subject(), TOKENIZER_QUEUE, Incoming::Tokenize),
+            Subscription::in_queue(s.detokenize().subject(), TOKENIZER_QUEUE, Incoming::Detokenize),
+            Subscription::in_queue(s.models().subject(), TOKENIZER_QUEUE, Incoming::Models),
+        ];
+        listen(self, ctx, self.bus.client.clone(), subscriptions, "tokenizer");
     }
 }
 

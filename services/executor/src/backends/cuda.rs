@@ -7,7 +7,7 @@ use crate::gpu::device::{probe_cuda, Device};
 use crate::gpu::{CudaExecutor, CudaExecutorConfig};
 use pagemesh_shared::{EngineConfig, StepOutput, StepPlan};
 
-use super::actor::StepBackend;
+use super::StepBackend;
 use crate::engine_args::EngineArgs;
 
 /// Checks the device flags before anything starts: for `cuda`, the memory fraction and that

@@ -10,7 +10,7 @@ use clap::Args;
 use pagemesh_shared::{StepOutput, StepPlan};
 use pagemesh_sim::{presets, CostModel, SimExecutor};
 
-use super::actor::StepBackend;
+use super::StepBackend;
 
 /// Flags of the `sim` device.
 #[derive(Args, Debug, Clone)]

@@ -1,15 +1,50 @@
-//! `--device`: what runs an executor's steps (the CPU backend, a CUDA GPU, or the `sim`
-//! backend), and the backend built from it.
+//! What runs an executor's steps ([`StepBackend`]): the CPU executor, a CUDA GPU ([`cuda`]) or
+//! the simulated GPU ([`sim`]), chosen with `--device` ([`DeviceArgs`]). The in-process engine
+//! and the executor service run any of them.
 
-use crate::ModelConfig;
+pub mod cuda;
+pub mod sim;
+
 use clap::Args;
-use pagemesh_shared::EngineConfig;
+use pagemesh_shared::{EngineConfig, SeqId, StepOutput, StepPlan};
 
-use super::actor::StepBackend;
-use super::sim_executor::{sim_backend, SimArgs};
 use crate::engine_args::EngineArgs;
+use crate::{CpuExecutor, ModelConfig};
+use sim::{sim_backend, SimArgs};
 
-/// The device flags of `pagemesh executor` and `pagemesh serve`.
+/// What runs an executor's steps: the model on a device, or a simulation.
+pub trait StepBackend: Send {
+    /// Runs one step.
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String>;
+
+    /// After a failed step: the sequences that made it fail, when the backend can tell
+    /// (none: the whole step is blamed).
+    fn culprits(&self, _plan: &StepPlan) -> Vec<SeqId> {
+        Vec::new()
+    }
+}
+
+impl StepBackend for CpuExecutor {
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
+        CpuExecutor::execute(self, plan).map_err(|e| e.to_string())
+    }
+
+    fn culprits(&self, plan: &StepPlan) -> Vec<SeqId> {
+        CpuExecutor::culprits(self, plan)
+    }
+}
+
+impl StepBackend for Box<dyn StepBackend> {
+    fn execute(&mut self, plan: &StepPlan) -> Result<StepOutput, String> {
+        (**self).execute(plan)
+    }
+
+    fn culprits(&self, plan: &StepPlan) -> Vec<SeqId> {
+        (**self).culprits(plan)
+    }
+}
+
+/// The device flags of `pagemesh executor`, `pagemesh serve` and `pagemesh generate`.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
     /// Backend: cpu, cuda (an NVIDIA GPU; see docs/cuda.md), or sim (a simulated GPU: no
@@ -41,7 +76,7 @@ impl DeviceArgs {
                 let num_host_blocks = args.num_host_blocks.unwrap_or(num_host_blocks);
                 Ok((Box::new(backend), EngineConfig { num_device_blocks, num_host_blocks, ..base }))
             }
-            "cuda" => super::cuda_device::cuda_executor(args),
+            "cuda" => cuda::cuda_executor(args),
             other => Err(format!("unknown --device {other} (this build supports: cpu, cuda, sim)")),
         }
     }
