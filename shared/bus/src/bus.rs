@@ -264,7 +264,10 @@ impl Bus {
                 .await
                 .map_err(|e| BusError::Nats(e.to_string()))?;
         }
-        let request = async_nats::Request::new().payload(last.payload.into()).headers(last.headers);
+        let mut request = async_nats::Request::new().payload(last.payload.into());
+        if !last.headers.is_empty() {
+            request = request.headers(last.headers);
+        }
         let answer = tokio::time::timeout(timeout, self.client.send_request(subject.clone(), request))
             .await
             .map_err(|_| BusError::Timeout(subject.clone()))?

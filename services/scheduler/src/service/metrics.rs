@@ -192,14 +192,15 @@ impl ModelMetrics {
         ] {
             pagemesh_bus::metrics_endpoint::error_counter(model, kind).absolute(0);
         }
-        metrics::counter!(names::STALE_STEP_REPLIES, &l()).absolute(0);
+        let stale_step_replies = metrics::counter!(names::STALE_STEP_REPLIES, &l());
+        stale_step_replies.absolute(0);
         Self {
             model: model.to_string(),
             received: metrics::counter!(names::REQUESTS_RECEIVED, &l()),
             aborted: metrics::counter!(names::REQUESTS_ABORTED, &l()),
             rejected: metrics::counter!(names::REQUESTS_REJECTED, &l()),
             executors_lost: metrics::counter!(names::EXECUTORS_LOST, &l()),
-            stale_step_replies: metrics::counter!(names::STALE_STEP_REPLIES, &l()),
+            stale_step_replies,
             executors: metrics::gauge!(names::EXECUTORS, &l()),
             detokenizers: metrics::gauge!(names::DETOKENIZERS, &l()),
             unplaced: metrics::gauge!(names::REQUESTS_UNPLACED, &l()),

@@ -11,7 +11,7 @@ use actix::prelude::*;
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest, TextOptions};
-use pagemesh_shared::subjects::{Subjects, TOKENIZER_QUEUE};
+use pagemesh_shared::subjects::TOKENIZER_QUEUE;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -298,19 +298,21 @@ impl Tokenizing {
         prepared
     }
 
-    /// The answer to a tokenize, detokenize or models request.
-    fn answer(&self, msg: &async_nats::Message, subjects: &Subjects) -> Value {
+    /// The answer to a tokenize, detokenize or models request (by the subject it came on).
+    fn answer(&self, item: &Incoming) -> Value {
         let started = Instant::now();
-        if msg.subject.as_str() == subjects.tokenize().subject() {
-            let answer = self.tokenize(&msg.payload);
-            self.observe("tokenize", started);
-            answer
-        } else if msg.subject.as_str() == subjects.detokenize().subject() {
-            let answer = self.detokenize(&msg.payload);
-            self.observe("detokenize", started);
-            answer
-        } else {
-            self.models()
+        match item {
+            Incoming::Tokenize(msg) => {
+                let answer = self.tokenize(&msg.payload);
+                self.observe("tokenize", started);
+                answer
+            }
+            Incoming::Detokenize(msg) => {
+                let answer = self.detokenize(&msg.payload);
+                self.observe("detokenize", started);
+                answer
+            }
+            Incoming::Models(_) | Incoming::Generate(_) => self.models(),
         }
     }
 }
@@ -362,12 +364,11 @@ impl StreamHandler<Incoming> for TokenizerService {
                     .into_actor(self),
                 );
             }
-            Incoming::Tokenize(msg) | Incoming::Detokenize(msg) | Incoming::Models(msg) => {
+            Incoming::Tokenize(ref msg) | Incoming::Detokenize(ref msg) | Incoming::Models(ref msg) => {
                 let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else { return };
-                let subjects = bus.subjects.clone();
                 ctx.spawn(
                     async move {
-                        let answer = off_the_loop(permits, move || work.answer(&msg, &subjects))
+                        let answer = off_the_loop(permits, move || work.answer(&item))
                             .await
                             .unwrap_or_else(|m| error_value(Rejection { kind: ErrorKind::Internal, message: m }));
                         let _ = bus.publish(&Topic::<Value>::json(reply), &answer).await;
