@@ -21,9 +21,12 @@ RUN cargo build --release --locked -p pagemesh \
 # The CUDA runtime (cuBLAS, NVRTC); the driver comes from the NVIDIA Container Toolkit at run
 # time. Run executors from it with `executor --device cuda`.
 FROM ${CUDA_IMAGE} AS cuda
-# curl: healthchecks; ca-certificates: downloads from the Hugging Face Hub.
+# curl: healthchecks; ca-certificates: downloads from the Hugging Face Hub; cuda-cudart-dev:
+# cuda_fp16.h / cuda_bf16.h, which NVRTC needs to compile the kernels at start-up (runtime
+# images carry the libraries but no headers). CUDA_VERSION is set by the base image.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
+       "cuda-cudart-dev-$(echo "${CUDA_VERSION}" | cut -d. -f1,2 | tr . -)" \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --create-home --home-dir /home/pagemesh --uid 10001 pagemesh \
     && mkdir -p /data/huggingface /models \

@@ -101,7 +101,32 @@ fn generate_runs_on_the_sim_backend_and_refuses_cuda_without_a_gpu_clearly() {
         .output()
         .expect("pagemesh runs");
     let stderr = String::from_utf8_lossy(&cuda.stderr);
-    if pagemesh_executor::gpu::device::probe_cuda().is_err() {
+    if pagemesh_executor::gpu::device::probe_cuda(None).is_err() {
         assert!(!cuda.status.success() && stderr.contains("--device cuda") && !stderr.contains("panicked"), "{stderr}");
     }
+}
+
+#[test]
+fn generate_on_the_emulated_gpu_path_reproduces_the_reference_and_swaps() {
+    // `--device emulated`: the CUDA backend's code path (loader, pools, step runner) over the
+    // emulated kernels, as the device check's dry run uses it. In a pool of 24 blocks the 12
+    // requests cannot all stay: some are swapped out and back, and every one is still exact.
+    let cases = support::reference_cases();
+    let lines: Vec<Value> = cases
+        .iter()
+        .cycle()
+        .take(2 * cases.len())
+        .map(|c| json!({"prompt_token_ids": c["prompt_ids"], "max_tokens": 24, "temperature": 0, "ignore_eos": true}))
+        .collect();
+    let run = generate(
+        &model_dir(),
+        &lines,
+        &["--device", "emulated", "--dtype", "f32", "--num-device-blocks", "24", "--block-size", "4"],
+    );
+    for (i, (output, case)) in run.outputs.iter().zip(cases.iter().cycle()).enumerate() {
+        let want: Vec<Value> = case["generated_ids"].as_array().expect("ids")[..24].to_vec();
+        assert_eq!(output["outputs"][0]["token_ids"].as_array(), Some(&want), "line {i}");
+    }
+    assert!(run.stats["preemptions_swap"].as_u64() > Some(0), "{}", run.stats);
+    assert_all_blocks_free(&run.stats);
 }

@@ -31,6 +31,11 @@ pub const MAX_EXECUTOR_SEQUENCES: usize = 1 << 16;
 /// from one detokenizer's report).
 pub const MAX_OPEN_STREAMS: usize = 1 << 16;
 
+/// The most KV blocks the scheduler accepts in one executor's pool unless
+/// `--max-executor-blocks` says otherwise; an executor sizing its pools from free GPU memory
+/// stops here (a tiny model on a large GPU would otherwise declare millions more).
+pub const DEFAULT_MAX_EXECUTOR_BLOCKS: u32 = 1 << 22;
+
 /// Checks a request id: 1 to [`MAX_REQUEST_ID_LEN`] bytes, no control characters.
 pub fn check_request_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_REQUEST_ID_LEN {

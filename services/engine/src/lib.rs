@@ -119,6 +119,11 @@ impl<B: StepBackend> Engine<B> {
         &self.executor
     }
 
+    /// Tokens in the model's vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
     /// Submits a request; its seed is drawn at random when the params have none.
     pub fn add_request(&mut self, prompt_token_ids: Vec<u32>, params: SamplingParams) -> Result<u64, EngineError> {
         let vocab = self.vocab_size;

@@ -108,7 +108,7 @@ fn output_json(line: &InputLine, out: &RequestOutput, tokenizer: &TextTokenizer)
 pub fn run(mut args: GenerateArgs) -> Result<(), String> {
     args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     let tokenizer = TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?;
-    pagemesh_executor::backends::cuda::check_device(&args.device.device, &args.engine)?;
+    pagemesh_executor::backends::cuda::check_device(&args.device, &args.engine)?;
     let mut engine = pagemesh_engine::build_on(&args.engine, &args.device)?;
     let input = std::fs::File::open(&args.input).map_err(|e| format!("cannot open {}: {e}", args.input.display()))?;
     let mut lines = Vec::new();

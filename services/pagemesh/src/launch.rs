@@ -134,7 +134,7 @@ pub struct SchedulerLimits {
     #[arg(long, default_value_t = 30)]
     unplaced_timeout_s: u64,
     /// Most KV blocks an executor may declare in one pool; registrations above it are refused.
-    #[arg(long, default_value_t = 1 << 22, value_parser = clap::value_parser!(u32).range(1..i64::from(u32::MAX)))]
+    #[arg(long, default_value_t = pagemesh_shared::limits::DEFAULT_MAX_EXECUTOR_BLOCKS, value_parser = clap::value_parser!(u32).range(1..i64::from(u32::MAX)))]
     max_executor_blocks: u32,
     /// Most requests waiting in one executor's own queue; the others wait their turn at the
     /// scheduler, round robin across clients (API keys, NATS client accounts).
@@ -395,7 +395,7 @@ fn in_system_then(
 
 /// `pagemesh executor`.
 pub fn executor(mut args: ExecutorArgs) -> Result<(), String> {
-    pagemesh_executor::backends::cuda::check_device(&args.device.device, &args.engine)?;
+    pagemesh_executor::backends::cuda::check_device(&args.device, &args.engine)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);
     args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
@@ -564,7 +564,7 @@ fn ensure_nats(nats: &mut NatsArgs, allowed: bool, insecure: bool) -> Result<Opt
 
 /// `pagemesh serve`: all five services in one process.
 pub fn serve(mut args: ServeArgs) -> Result<(), String> {
-    pagemesh_executor::backends::cuda::check_device(&args.device.device, &args.engine)?;
+    pagemesh_executor::backends::cuda::check_device(&args.device, &args.engine)?;
     let nats_server = ensure_nats(&mut args.nats, !args.no_start_nats, args.insecure_open_bus)?;
     args.engine.set_threads()?;
     let name = served_name(&args.served_model_name, &args.engine.model);

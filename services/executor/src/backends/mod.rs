@@ -47,10 +47,18 @@ impl StepBackend for Box<dyn StepBackend> {
 /// The device flags of `pagemesh executor`, `pagemesh serve` and `pagemesh generate`.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    /// Backend: cpu, cuda (an NVIDIA GPU; see docs/cuda.md), or sim (a simulated GPU: no
-    /// weights, cost-model step times).
+    /// Backend: cpu, cuda (an NVIDIA GPU; see docs/cuda.md), emulated (the CUDA code path with
+    /// its kernels emulated on the CPU: slow, for tests), or sim (a simulated GPU: no weights,
+    /// cost-model step times).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// With `--device cuda`: which GPU, numbered as the driver does.
+    #[arg(long, default_value_t = 0)]
+    pub cuda_device: usize,
+    /// With `--device cuda`: a directory holding cuBLAS and NVRTC (CUDA 13 or 12), searched
+    /// before the usual places (also `PAGEMESH_CUDA_LIB_DIR`).
+    #[arg(long)]
+    pub cuda_lib_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub sim: SimArgs,
 }
@@ -76,8 +84,9 @@ impl DeviceArgs {
                 let num_host_blocks = args.num_host_blocks.unwrap_or(num_host_blocks);
                 Ok((Box::new(backend), EngineConfig { num_device_blocks, num_host_blocks, ..base }))
             }
-            "cuda" => cuda::cuda_executor(args),
-            other => Err(format!("unknown --device {other} (this build supports: cpu, cuda, sim)")),
+            "cuda" => cuda::cuda_executor(args, self),
+            "emulated" => cuda::emulated_executor(args, self),
+            other => Err(format!("unknown --device {other} (this build supports: cpu, cuda, emulated, sim)")),
         }
     }
 }

@@ -6,13 +6,17 @@ use clap::Args;
 use pagemesh_shared::SamplingParams;
 use serde_json::json;
 
+use pagemesh_executor::backends::{DeviceArgs, StepBackend};
 use pagemesh_executor::engine_args::EngineArgs;
+use pagemesh_executor::weights::WeightStore;
 
 /// Flags of `pagemesh bench engine`.
 #[derive(Args, Debug)]
 pub struct EngineBenchArgs {
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Batch sizes to measure decode at.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batch_sizes: Vec<usize>,
@@ -40,8 +44,8 @@ fn prompt(len: usize, salt: usize, vocab: usize) -> Vec<u32> {
     (0..len).map(|i| (3 + (i * 7919 + salt * 104_729 + salt * salt) % (vocab - 3)) as u32).collect()
 }
 
-fn run_batch(
-    engine: &mut pagemesh_engine::Engine,
+fn run_batch<B: StepBackend>(
+    engine: &mut pagemesh_engine::Engine<B>,
     args: &EngineBenchArgs,
     batch: usize,
     max_tokens: usize,
@@ -49,7 +53,7 @@ fn run_batch(
     // Prompts never repeat across runs, so that no prefix-cache hit shortens a prefill.
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let vocab = engine.executor().model().config.vocab_size;
+    let vocab = engine.vocab_size();
     for b in 0..batch {
         let params = SamplingParams { max_tokens, ignore_eos: true, ..SamplingParams::greedy(max_tokens) };
         engine.add_request(prompt(args.prompt_len, b + run * 1000, vocab), params).map_err(|e| e.to_string())?;
@@ -76,8 +80,20 @@ fn run_batch(
 pub fn run(args: EngineBenchArgs) -> Result<(), String> {
     {
         {
-            let mut engine = pagemesh_engine::build(&args.engine)?;
-            let dtype = format!("{:?}", engine.executor().model().dtype());
+            pagemesh_executor::backends::cuda::check_device(&args.device, &args.engine)?;
+            let mut engine = pagemesh_engine::build_on(&args.engine, &args.device)?;
+            let dtype = match args.engine.dtype {
+                Some(d) => format!("{d:?}"),
+                None => {
+                    let store = WeightStore::open(&args.engine.model).map_err(|e| e.to_string())?;
+                    format!(
+                        "{:?}",
+                        store
+                            .dtype_of("model.embed_tokens.weight")
+                            .unwrap_or(pagemesh_executor::weights::WeightDtype::F32)
+                    )
+                }
+            };
             let threads = rayon::current_num_threads();
             // Warm up caches and thread pools.
             run_batch(&mut engine, &args, 1, 4)?;
@@ -99,7 +115,7 @@ pub fn run(args: EngineBenchArgs) -> Result<(), String> {
             );
             println!(
                 "{}",
-                json!({"model": args.engine.model, "dtype": dtype, "threads": threads, "prompt_len": args.prompt_len,
+                json!({"model": args.engine.model, "device": args.device.device, "dtype": dtype, "threads": threads, "prompt_len": args.prompt_len,
                        "decode": decode, "prefill_tokens_per_s": prefill_tok_s})
             );
             Ok(())

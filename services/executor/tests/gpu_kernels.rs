@@ -1,5 +1,7 @@
-//! The CUDA kernels (`kernels/cuda`), built for the CPU through the SIMT emulation harness,
-//! against the CPU backend, in f32, f16 and bf16.
+//! The CUDA kernels (`kernels/cuda`) and the GPU backend's GEMM and swaps, against the CPU
+//! backend, in f32, f16 and bf16 — through [`KernelBackend`], on the backend
+//! `PAGEMESH_TEST_DEVICE` names: the SIMT emulation harness by default (`emulated`), or a real
+//! GPU (`cuda`, as the device check runs it: `kernels/device-check.sh`).
 //!
 //! Inputs are random and fresh each run: every test prints its seed, and
 //! `PAGEMESH_KERNEL_SEED=<seed>` replays it. Outputs start poisoned (NaN), so an element a
@@ -7,17 +9,81 @@
 //! `max |got - want| / max |want|` over the whole output; it must stay below 1e-5 in f32 and
 //! 1e-2 in f16/bf16 (the CPU reference runs in f32 on the same rounded inputs).
 
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
 use half::{bf16, f16};
 use pagemesh_executor::cpu::attention::{paged_attention, row_spans, SeqSpan};
 use pagemesh_executor::cpu::kv_cache::{BlockShape, KvCache};
 use pagemesh_executor::cpu::ops::{inv_frequencies, rms_norm, silu_mul, RopeTable};
+use pagemesh_executor::gpu::{CudaBackend, DecodeMeta, EmulatedBackend, GpuElement, KernelBackend, PrefillMeta};
 use pagemesh_executor::ModelConfig;
-use pagemesh_kernels::emu::{self, BlockTables};
 use pagemesh_kernels::geometry::{flatten_tiles, prefill_tiles};
 use pagemesh_kernels::{AttentionShape, Dtype, Element};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+
+/// Whether the tests run on a GPU (`PAGEMESH_TEST_DEVICE=cuda`) instead of the emulation.
+fn on_cuda() -> bool {
+    match std::env::var("PAGEMESH_TEST_DEVICE").as_deref() {
+        Ok("cuda") => true,
+        Ok("emulated") | Err(_) => false,
+        Ok(other) => panic!("PAGEMESH_TEST_DEVICE={other}: expected cuda or emulated"),
+    }
+}
+
+/// GPU 0, opened once and used by one test at a time (a cuBLAS handle is not for concurrent use).
+fn cuda() -> MutexGuard<'static, CudaBackend> {
+    static GPU: OnceLock<Mutex<CudaBackend>> = OnceLock::new();
+    let gpu = GPU.get_or_init(|| {
+        let lib_dir = std::env::var_os("PAGEMESH_CUDA_LIB_DIR").map(std::path::PathBuf::from);
+        let started = std::time::Instant::now();
+        let backend = CudaBackend::new(0, lib_dir.as_deref()).unwrap_or_else(|e| panic!("opening GPU 0: {e}"));
+        eprintln!(
+            "GPU 0: {} (kernels compiled in {:.2} s)",
+            backend.name().unwrap_or_default(),
+            started.elapsed().as_secs_f64()
+        );
+        Mutex::new(backend)
+    });
+    gpu.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `$body` with `$b` bound to the backend under test (`&EmulatedBackend` or `&CudaBackend`).
+macro_rules! with_backend {
+    ($b:ident => $body:expr) => {{
+        if on_cuda() {
+            let guard = cuda();
+            let $b: &CudaBackend = &guard;
+            $body
+        } else {
+            let $b = &EmulatedBackend;
+            $body
+        }
+    }};
+}
+
+/// Runs `f::<E, _>(backend, args)` once per element type.
+macro_rules! each_dtype {
+    ($f:ident($($a:expr),*)) => {{
+        with_backend!(b => {
+            $f::<f32, _>(b, $($a),*);
+            $f::<f16, _>(b, $($a),*);
+            $f::<bf16, _>(b, $($a),*);
+        })
+    }};
+}
+
+fn to_dev<T: pagemesh_executor::gpu::DeviceValue, E: GpuElement, B: KernelBackend<E>>(
+    b: &B,
+    data: &[T],
+) -> B::Buffer<T> {
+    b.upload(data).expect("upload")
+}
+
+fn from_dev<E: GpuElement, B: KernelBackend<E>>(b: &B, buf: &B::Buffer<E>) -> Vec<E> {
+    b.download(buf).expect("download")
+}
 
 /// A fresh (or replayed) seeded generator; prints the seed.
 fn rng(test: &str) -> StdRng {
@@ -73,22 +139,14 @@ fn check<E: Element>(what: &str, got: &[E], want: &[f32]) -> f64 {
     err
 }
 
-/// Runs `f` once per element type.
-macro_rules! each_dtype {
-    ($f:ident($($a:expr),*)) => {{
-        $f::<f32>($($a),*);
-        $f::<f16>($($a),*);
-        $f::<bf16>($($a),*);
-    }};
-}
-
-fn embedding_case<E: Element>(rng: &mut StdRng) {
+fn embedding_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng) {
     for d in [8usize, 64, 300] {
         let vocab = 50;
         let table = to_elems::<E>(&uniform(rng, vocab * d, 1.0));
         let tokens: Vec<i32> = (0..13).map(|_| rng.gen_range(0..vocab as i32)).collect();
-        let mut out = poisoned::<E>(tokens.len() * d);
-        emu::embedding(&mut out, &table, &tokens, d);
+        let mut out = to_dev(b, &poisoned::<E>(tokens.len() * d));
+        b.embedding(&mut out, &to_dev(b, &table), &to_dev(b, &tokens), d).expect("embedding");
+        let out = from_dev(b, &out);
         let want: Vec<f32> =
             tokens.iter().flat_map(|&t| to_f32(&table[t as usize * d..(t as usize + 1) * d])).collect();
         assert_eq!(check("embedding", &out, &want), 0.0, "a gather is exact");
@@ -101,15 +159,17 @@ fn embedding_gathers_rows() {
     each_dtype!(embedding_case(&mut rng));
 }
 
-fn rms_norm_case<E: Element>(rng: &mut StdRng) {
+fn rms_norm_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng) {
     for (rows, d) in [(7usize, 64usize), (3, 8), (5, 300), (2, 4096)] {
         let eps = 1e-5;
         let x = rounded::<E>(&uniform(rng, rows * d, 2.0));
         let w = rounded::<E>(&uniform(rng, d, 1.5));
         let mut want = vec![0.0; rows * d];
         rms_norm(&x, &w, eps, &mut want);
-        let mut out = poisoned::<E>(rows * d);
-        emu::rms_norm(&mut out, &to_elems::<E>(&x), &to_elems::<E>(&w), eps);
+        let mut out = to_dev(b, &poisoned::<E>(rows * d));
+        let w_dev = to_dev(b, &to_elems::<E>(&w));
+        b.rms_norm(&mut out, &to_dev(b, &to_elems::<E>(&x)), &w_dev, eps).expect("rms_norm");
+        let out = from_dev(b, &out);
         check(&format!("rms_norm d {d}"), &out, &want);
 
         // Fused residual add: residual += delta, out = rms_norm(residual).
@@ -117,9 +177,11 @@ fn rms_norm_case<E: Element>(rng: &mut StdRng) {
         let sum: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
         let mut want = vec![0.0; rows * d];
         rms_norm(&sum, &w, eps, &mut want);
-        let mut residual = to_elems::<E>(&x);
-        let mut out = poisoned::<E>(rows * d);
-        emu::fused_add_rms_norm(&mut out, &mut residual, &to_elems::<E>(&delta), &to_elems::<E>(&w), eps);
+        let mut residual = to_dev(b, &to_elems::<E>(&x));
+        let mut out = to_dev(b, &poisoned::<E>(rows * d));
+        b.fused_add_rms_norm(&mut out, &mut residual, &to_dev(b, &to_elems::<E>(&delta)), &w_dev, eps)
+            .expect("fused_add_rms_norm");
+        let (residual, out) = (from_dev(b, &residual), from_dev(b, &out));
         check(&format!("fused_add_rms_norm residual d {d}"), &residual, &sum);
         check(&format!("fused_add_rms_norm d {d}"), &out, &want);
     }
@@ -141,7 +203,7 @@ fn rope_config(head_dim: usize, heads: usize, kv_heads: usize, scaling: &str) ->
     ModelConfig::parse(&text).expect("test config parses")
 }
 
-fn rope_case<E: Element>(rng: &mut StdRng) {
+fn rope_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng) {
     let llama3 = r#","rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":1024}"#;
     for (hd, heads, kv_heads, scaling) in [(64, 4, 1, ""), (128, 8, 2, llama3), (8, 8, 4, "")] {
         let config = rope_config(hd, heads, kv_heads, scaling);
@@ -156,8 +218,10 @@ fn rope_case<E: Element>(rng: &mut StdRng) {
             table.apply(&mut want_q[r * heads * hd..(r + 1) * heads * hd], p as usize);
             table.apply(&mut want_k[r * kv_heads * hd..(r + 1) * kv_heads * hd], p as usize);
         }
-        let (mut got_q, mut got_k) = (to_elems::<E>(&q), to_elems::<E>(&k));
-        emu::rope(&mut got_q, &mut got_k, &positions, &inv_frequencies(&config), &shape);
+        let (mut got_q, mut got_k) = (to_dev(b, &to_elems::<E>(&q)), to_dev(b, &to_elems::<E>(&k)));
+        b.rope(&mut got_q, &mut got_k, &to_dev(b, &positions), &to_dev(b, &inv_frequencies(&config)), &shape)
+            .expect("rope");
+        let (got_q, got_k) = (from_dev(b, &got_q), from_dev(b, &got_k));
         check(&format!("rope q hd {hd} {}", if scaling.is_empty() { "plain" } else { "llama3" }), &got_q, &want_q);
         check(&format!("rope k hd {hd}"), &got_k, &want_k);
     }
@@ -169,17 +233,15 @@ fn rope_matches_the_cpu_with_and_without_llama3_scaling() {
     each_dtype!(rope_case(&mut rng));
 }
 
-fn silu_mul_case<E: Element>(rng: &mut StdRng) {
+fn silu_mul_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng) {
     let n = rng.gen_range(1000..3000);
     let gate = rounded::<E>(&uniform(rng, n, 8.0));
     let up = rounded::<E>(&uniform(rng, n, 2.0));
     let mut want = gate.clone();
     silu_mul(&mut want, &up);
-    let mut out = poisoned::<E>(n);
-    emu::silu_mul(&mut out, &to_elems::<E>(&gate), &to_elems::<E>(&up));
-    check("silu_mul", &out, &want);
-    let mut in_place = to_elems::<E>(&gate);
-    emu::silu_mul_in_place(&mut in_place, &to_elems::<E>(&up));
+    let mut in_place = to_dev(b, &to_elems::<E>(&gate));
+    b.silu_mul_in_place(&mut in_place, &to_dev(b, &to_elems::<E>(&up))).expect("silu_mul");
+    let in_place = from_dev(b, &in_place);
     check("silu_mul in place", &in_place, &want);
 }
 
@@ -198,7 +260,7 @@ fn assert_same_pool<E: Element>(what: &str, got: &[E], want: &[f32]) {
     }
 }
 
-fn cache_case<E: Element>(rng: &mut StdRng) {
+fn cache_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng) {
     for bs in [8usize, 16, 32] {
         for (hd, kv_heads) in [(64usize, 2usize), (128, 1), (8, 4)] {
             let shape = AttentionShape { num_heads: kv_heads, num_kv_heads: kv_heads, head_dim: hd, block_size: bs };
@@ -207,8 +269,10 @@ fn cache_case<E: Element>(rng: &mut StdRng) {
             let mut cache = KvCache::new(1, block_shape, blocks, 0);
             cache.device.k[0].fill(f32::NAN);
             cache.device.v[0].fill(f32::NAN);
-            let (mut k_pool, mut v_pool) =
-                (poisoned::<E>(cache.device.k[0].len()), poisoned::<E>(cache.device.k[0].len()));
+            let (mut k_pool, mut v_pool) = (
+                to_dev(b, &poisoned::<E>(cache.device.k[0].len())),
+                to_dev(b, &poisoned::<E>(cache.device.k[0].len())),
+            );
             // Distinct slots anywhere in the pool, and one padding row (-1) that is skipped.
             let mut all: Vec<i64> = (0..(blocks * bs) as i64).collect();
             all.shuffle(rng);
@@ -222,9 +286,19 @@ fn cache_case<E: Element>(rng: &mut StdRng) {
                     cache.write(0, s as usize, &k[r * width..(r + 1) * width], &v[r * width..(r + 1) * width]);
                 }
             }
-            emu::reshape_and_cache(&to_elems::<E>(&k), &to_elems::<E>(&v), &mut k_pool, &mut v_pool, &slots, &shape);
-            assert_same_pool(&format!("reshape_and_cache K bs {bs} hd {hd}"), &k_pool, &cache.device.k[0]);
-            assert_same_pool(&format!("reshape_and_cache V bs {bs} hd {hd}"), &v_pool, &cache.device.v[0]);
+            let (k_dev, v_dev) = (to_dev(b, &to_elems::<E>(&k)), to_dev(b, &to_elems::<E>(&v)));
+            b.reshape_and_cache(&k_dev, &v_dev, &mut k_pool, &mut v_pool, &to_dev(b, &slots), &shape)
+                .expect("reshape_and_cache");
+            assert_same_pool(
+                &format!("reshape_and_cache K bs {bs} hd {hd}"),
+                &from_dev(b, &k_pool),
+                &cache.device.k[0],
+            );
+            assert_same_pool(
+                &format!("reshape_and_cache V bs {bs} hd {hd}"),
+                &from_dev(b, &v_pool),
+                &cache.device.v[0],
+            );
 
             // Copy-on-write: sources among the written blocks, destinations elsewhere.
             let mut ids: Vec<u32> = (0..blocks as u32).collect();
@@ -233,9 +307,9 @@ fn cache_case<E: Element>(rng: &mut StdRng) {
             for &(s, d) in &pairs {
                 cache.copy(s as usize, d as usize);
             }
-            emu::copy_blocks(&mut k_pool, &mut v_pool, &pairs, shape.block_len());
-            assert_same_pool(&format!("copy_blocks K bs {bs} hd {hd}"), &k_pool, &cache.device.k[0]);
-            assert_same_pool(&format!("copy_blocks V bs {bs} hd {hd}"), &v_pool, &cache.device.v[0]);
+            b.copy_blocks(&mut k_pool, &mut v_pool, &pairs, &shape).expect("copy_blocks");
+            assert_same_pool(&format!("copy_blocks K bs {bs} hd {hd}"), &from_dev(b, &k_pool), &cache.device.k[0]);
+            assert_same_pool(&format!("copy_blocks V bs {bs} hd {hd}"), &from_dev(b, &v_pool), &cache.device.v[0]);
         }
     }
 }
@@ -311,7 +385,7 @@ fn attention_shapes() -> Vec<AttentionShape> {
     shapes
 }
 
-fn decode_case<E: Element>(rng: &mut StdRng, shape: AttentionShape) -> f64 {
+fn decode_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng, shape: AttentionShape) -> f64 {
     let bs = shape.block_size;
     // Short, exactly whole blocks, a partial last block, and contexts over one and two
     // partition boundaries.
@@ -332,45 +406,52 @@ fn decode_case<E: Element>(rng: &mut StdRng, shape: AttentionShape) -> f64 {
     spans.push(SeqSpan { first_row: rows - 1, len: 1, start_pos: 0, block_table: &fx.tables[0] });
     let want = fx.reference(&q, &spans, rows);
     let context_lens: Vec<i32> = contexts.iter().map(|&c| c as i32).collect();
-    let mut out = poisoned::<E>(rows * width);
-    let flat = fx.flat_tables();
-    emu::paged_attention_decode(
+    let mut out = to_dev(b, &poisoned::<E>(rows * width));
+    let meta = DecodeMeta {
+        q_rows: to_dev(b, &q_rows),
+        context_lens: to_dev(b, &context_lens),
+        tables: to_dev(b, &fx.flat_tables()),
+        max_blocks: fx.max_blocks,
+        num_seqs: contexts.len(),
+        max_context: contexts.iter().copied().max().unwrap_or(1),
+    };
+    b.paged_attention_decode(
         &mut out,
-        &to_elems::<E>(&q),
-        &to_elems::<E>(&fx.cache.device.k[0]),
-        &to_elems::<E>(&fx.cache.device.v[0]),
-        &q_rows,
-        &context_lens,
-        BlockTables { tables: &flat, max_blocks: fx.max_blocks },
+        &to_dev(b, &to_elems::<E>(&q)),
+        &to_dev(b, &to_elems::<E>(&fx.cache.device.k[0])),
+        &to_dev(b, &to_elems::<E>(&fx.cache.device.v[0])),
+        &meta,
         &shape,
-    );
+    )
+    .expect("paged_attention_decode");
+    let out = from_dev(b, &out);
     let decoded = contexts.len() * width;
     assert!(to_f32(&out[decoded..]).iter().all(|x| x.is_nan()), "a row that is not decoded was written");
     check(&format!("decode {shape:?}"), &out[..decoded], &want[..decoded])
 }
 
-fn decode_all<E: Element>() {
+fn decode_all<E: GpuElement, B: KernelBackend<E>>(b: &B) {
     let mut rng = rng(&format!("decode {:?}", E::DTYPE));
-    let worst = attention_shapes().into_iter().map(|s| decode_case::<E>(&mut rng, s)).fold(0.0, f64::max);
+    let worst = attention_shapes().into_iter().map(|s| decode_case::<E, B>(b, &mut rng, s)).fold(0.0, f64::max);
     eprintln!("decode {:?}: worst relative error {worst:e}", E::DTYPE);
 }
 
 #[test]
 fn decode_attention_matches_the_cpu_f32() {
-    decode_all::<f32>();
+    with_backend!(b => decode_all::<f32, _>(b));
 }
 
 #[test]
 fn decode_attention_matches_the_cpu_f16() {
-    decode_all::<f16>();
+    with_backend!(b => decode_all::<f16, _>(b));
 }
 
 #[test]
 fn decode_attention_matches_the_cpu_bf16() {
-    decode_all::<bf16>();
+    with_backend!(b => decode_all::<bf16, _>(b));
 }
 
-fn prefill_case<E: Element>(rng: &mut StdRng, shape: AttentionShape) -> f64 {
+fn prefill_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng, shape: AttentionShape) -> f64 {
     let bs = shape.block_size;
     // (position of the first row, rows): a fresh prompt over two tiles, a chunk that starts
     // mid-block after cached tokens (chunked prefill, a prefix-cache hit), a single row at a
@@ -389,37 +470,99 @@ fn prefill_case<E: Element>(rng: &mut StdRng, shape: AttentionShape) -> f64 {
     }
     let want = fx.reference(&q, &spans, rows);
     let tiles = prefill_tiles(spans.iter().enumerate().map(|(i, s)| (i, s.first_row, s.len, s.start_pos)));
-    let mut out = poisoned::<E>(rows * width);
-    let flat = fx.flat_tables();
-    emu::paged_attention_prefill(
+    let mut out = to_dev(b, &poisoned::<E>(rows * width));
+    let meta = PrefillMeta {
+        tiles: to_dev(b, &flatten_tiles(&tiles)),
+        num_tiles: tiles.len(),
+        tables: to_dev(b, &fx.flat_tables()),
+        max_blocks: fx.max_blocks,
+    };
+    b.paged_attention_prefill(
         &mut out,
-        &to_elems::<E>(&q),
-        &to_elems::<E>(&fx.cache.device.k[0]),
-        &to_elems::<E>(&fx.cache.device.v[0]),
-        &flatten_tiles(&tiles),
-        BlockTables { tables: &flat, max_blocks: fx.max_blocks },
+        &to_dev(b, &to_elems::<E>(&q)),
+        &to_dev(b, &to_elems::<E>(&fx.cache.device.k[0])),
+        &to_dev(b, &to_elems::<E>(&fx.cache.device.v[0])),
+        &meta,
         &shape,
-    );
+    )
+    .expect("paged_attention_prefill");
+    let out = from_dev(b, &out);
     check(&format!("prefill {shape:?}"), &out, &want)
 }
 
-fn prefill_all<E: Element>() {
+fn prefill_all<E: GpuElement, B: KernelBackend<E>>(b: &B) {
     let mut rng = rng(&format!("prefill {:?}", E::DTYPE));
-    let worst = attention_shapes().into_iter().map(|s| prefill_case::<E>(&mut rng, s)).fold(0.0, f64::max);
+    let worst = attention_shapes().into_iter().map(|s| prefill_case::<E, B>(b, &mut rng, s)).fold(0.0, f64::max);
     eprintln!("prefill {:?}: worst relative error {worst:e}", E::DTYPE);
 }
 
 #[test]
 fn prefill_attention_matches_the_cpu_f32() {
-    prefill_all::<f32>();
+    with_backend!(b => prefill_all::<f32, _>(b));
 }
 
 #[test]
 fn prefill_attention_matches_the_cpu_f16() {
-    prefill_all::<f16>();
+    with_backend!(b => prefill_all::<f16, _>(b));
 }
 
 #[test]
 fn prefill_attention_matches_the_cpu_bf16() {
-    prefill_all::<bf16>();
+    with_backend!(b => prefill_all::<bf16, _>(b));
+}
+
+fn gemm_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng) {
+    // One decode row, odd sizes, a prefill-sized batch, and a wide projection.
+    for (rows, n, k) in [(1usize, 64usize, 64usize), (7, 300, 96), (33, 1000, 288), (128, 512, 768), (3, 32000, 64)] {
+        let x = rounded::<E>(&uniform(rng, rows * k, 1.0));
+        let w = rounded::<E>(&uniform(rng, n * k, 1.0));
+        let want: Vec<f32> = (0..rows * n)
+            .map(|i| {
+                let (r, o) = (i / n, i % n);
+                x[r * k..(r + 1) * k].iter().zip(&w[o * k..(o + 1) * k]).map(|(a, c)| (a * c) as f64).sum::<f64>()
+                    as f32
+            })
+            .collect();
+        let mut out = to_dev(b, &poisoned::<E>(rows * n));
+        b.gemm(&mut out, &to_dev(b, &to_elems::<E>(&x)), &to_dev(b, &to_elems::<E>(&w)), rows, n, k).expect("gemm");
+        check(&format!("gemm {rows}x{k} · ({n}x{k})ᵀ"), &from_dev(b, &out), &want);
+    }
+}
+
+#[test]
+fn gemm_matches_the_cpu() {
+    let mut rng = rng("gemm");
+    each_dtype!(gemm_case(&mut rng));
+}
+
+fn swap_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng) {
+    let (blocks, block_len) = (12usize, 4 * 2 * 64);
+    let pool = rounded::<E>(&uniform(rng, blocks * block_len, 1.0));
+    let mut device = to_dev(b, &to_elems::<E>(&pool));
+    let mut host = b.host_pool(5 * block_len).expect("host pool");
+    // Out: device blocks 3, 7 and 11 to host blocks 4, 0 and 2.
+    b.swap_out(&device, &mut host, &[(3, 4), (7, 0), (11, 2)], block_len).expect("swap out");
+    // The device blocks are reused by others before the sequence comes back.
+    let mut overwritten = to_dev(b, &poisoned::<E>(blocks * block_len));
+    b.swap_out(&overwritten, &mut b.host_pool(block_len).expect("scratch pool"), &[(0, 0)], block_len)
+        .expect("unrelated swap");
+    std::mem::swap(&mut device, &mut overwritten);
+    // In: to other device blocks.
+    b.swap_in(&host, &mut device, &[(4, 5), (0, 9), (2, 0)], block_len).expect("swap in");
+    let got = to_f32(&from_dev(b, &device));
+    for (dst, src) in [(5usize, 3usize), (9, 7), (0, 11)] {
+        assert_eq!(
+            got[dst * block_len..(dst + 1) * block_len],
+            pool[src * block_len..(src + 1) * block_len],
+            "block {src} swapped out and back into block {dst} ({:?})",
+            E::DTYPE
+        );
+    }
+    assert!(got[block_len..2 * block_len].iter().all(|x| x.is_nan()), "a block not swapped in was written");
+}
+
+#[test]
+fn swapping_out_and_back_in_restores_blocks() {
+    let mut rng = rng("swap");
+    each_dtype!(swap_case(&mut rng));
 }
