@@ -199,6 +199,55 @@ else
   fail "stories260K bf16 --device $DEV: generate failed: $(tail -2 "$LOGS/reference-bf16.log" | tr '\n' ' ')"
 fi
 
+# --- 2b. a model with q/k/v biases (Qwen2-style): the GPU path against the CPU backend ---
+BIASED=$WORK/stories260K-qkv-bias
+python3 - "$MODEL" "$BIASED" <<'EOF'
+import json, os, random, shutil, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst, exist_ok=True)
+for name in os.listdir(src):
+    if name.endswith(".json") and name != "reference.json":
+        shutil.copy(os.path.join(src, name), dst)
+config = json.load(open(os.path.join(src, "config.json")))
+config["attention_bias"] = True
+json.dump(config, open(os.path.join(dst, "config.json"), "w"))
+raw = open(os.path.join(src, "model.safetensors"), "rb").read()
+(size,) = struct.unpack("<Q", raw[:8])
+header, data = json.loads(raw[8:8 + size]), bytearray(raw[8 + size:])
+hd = config["head_dim"]
+rng = random.Random(7)
+for layer in range(config["num_hidden_layers"]):
+    for proj, heads in (("q", config["num_attention_heads"]), ("k", config["num_key_value_heads"]), ("v", config["num_key_value_heads"])):
+        n = heads * hd
+        start = len(data)
+        data += struct.pack(f"<{n}f", *(rng.uniform(-0.5, 0.5) for _ in range(n)))
+        header[f"model.layers.{layer}.self_attn.{proj}_proj.bias"] = {"dtype": "F32", "shape": [n], "data_offsets": [start, len(data)]}
+text = json.dumps(header).encode()
+text += b" " * (-len(text) % 8)
+open(os.path.join(dst, "model.safetensors"), "wb").write(struct.pack("<Q", len(text)) + text + bytes(data))
+EOF
+reference_input 1 "$WORK/bias.in.jsonl"
+if timeout 150 "$BIN" generate --model "$BIASED" --device "$DEV" --dtype f32 --input "$WORK/bias.in.jsonl" \
+  --output "$WORK/bias-$DEV.out.jsonl" >"$LOGS/bias-$DEV.log" 2>&1 &&
+  timeout 150 "$BIN" generate --model "$BIASED" --device cpu --dtype f32 --input "$WORK/bias.in.jsonl" \
+    --output "$WORK/bias-cpu.out.jsonl" >"$LOGS/bias-cpu.log" 2>&1; then
+  same=$(python3 - "$WORK/bias-$DEV.out.jsonl" "$WORK/bias-cpu.out.jsonl" <<'EOF'
+import json, sys
+a = [json.loads(l)["outputs"][0]["token_ids"] for l in open(sys.argv[1])]
+b = [json.loads(l)["outputs"][0]["token_ids"] for l in open(sys.argv[2])]
+print(sum(x == y for x, y in zip(a, b)), len(a))
+EOF
+  )
+  read -r equal total <<<"$same"
+  if [ "$equal" = "$total" ] && [ "$total" -gt 0 ]; then
+    pass "qkv biases (stories260K with random q/k/v biases) f32 --device $DEV: $equal/$total cases token-exact against --device cpu"
+  else
+    fail "qkv biases f32 --device $DEV: $equal/$total cases equal to --device cpu"
+  fi
+else
+  fail "qkv biases: generate failed: $(tail -2 "$LOGS/bias-$DEV.log" "$LOGS/bias-cpu.log" | tr '\n' ' ')"
+fi
+
 for mode in swap recompute; do
   if generate "preempt-$mode" 4 --dtype f32 --num-device-blocks 48 --num-host-blocks 512 --preemption-mode "$mode"; then
     read -r exact total minp meanp <<<"$(compare "$WORK/preempt-$mode.out.jsonl")"

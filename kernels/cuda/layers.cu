@@ -1,5 +1,5 @@
 // Per-row kernels of the Llama block: embedding gather, RMSNorm (plain and with a fused
-// residual add), rotate-half RoPE, SiLU·mul.
+// residual add), rotate-half RoPE, SiLU·mul, and the bias add of projections with biases.
 #include "common.cuh"
 
 namespace pm {
@@ -82,6 +82,14 @@ PM_DEVICE void silu_mul(T* out, const T* gate, const T* up, pm_i64 n) {
   out[i] = from_float<T>((g / (1.0f + expf(-g))) * to_float(up[i]));
 }
 
+// x[i] += bias[i % n] over `total` elements (rows of n); grid (ceil(total / blockDim)).
+template <class T>
+PM_DEVICE void add_bias(T* x, const T* bias, int n, pm_i64 total) {
+  const pm_i64 i = static_cast<pm_i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  x[i] = from_float<T>(to_float(x[i]) + to_float(bias[i % n]));
+}
+
 }  // namespace pm
 
 #define PM_LAYER_KERNELS(S, T)                                                                              \
@@ -105,6 +113,10 @@ PM_DEVICE void silu_mul(T* out, const T* gate, const T* up, pm_i64 n) {
   extern "C" __global__ void __launch_bounds__(PM_ROW_THREADS) silu_mul_##S(T* out, const T* gate,          \
                                                                             const T* up, pm_i64 n) {        \
     pm::silu_mul<T>(out, gate, up, n);                                                                      \
+  }                                                                                                         \
+  extern "C" __global__ void __launch_bounds__(PM_ROW_THREADS) add_bias_##S(T* x, const T* bias, int n,     \
+                                                                            pm_i64 total) {                 \
+    pm::add_bias<T>(x, bias, n, total);                                                                     \
   }
 
 PM_FOR_EACH_DTYPE(PM_LAYER_KERNELS)

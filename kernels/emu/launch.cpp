@@ -20,6 +20,7 @@
               int head_dim),                                                                                       \
          PM_P(q, k, positions, inv_freq, num_heads, num_kv_heads, head_dim))                                       \
   PM_EMU(silu_mul_##S, PM_P(T* out, const T* gate, const T* up, pm_i64 n), PM_P(out, gate, up, n))                 \
+  PM_EMU(add_bias_##S, PM_P(T* x, const T* bias, int n, pm_i64 total), PM_P(x, bias, n, total))                    \
   PM_EMU(reshape_and_cache_##S,                                                                                    \
          PM_P(const T* k, const T* v, T* k_cache, T* v_cache, const pm_i64* slots, int num_kv_heads, int head_dim, \
               int block_size),                                                                                     \

@@ -38,6 +38,8 @@ ffi! {
          head_dim: i32);
     pm_emu_silu_mul_f32 pm_emu_silu_mul_f16 pm_emu_silu_mul_bf16
         (out: Mut, gate: Ptr, up: Ptr, n: i64);
+    pm_emu_add_bias_f32 pm_emu_add_bias_f16 pm_emu_add_bias_bf16
+        (x: Mut, bias: Ptr, n: i32, total: i64);
     pm_emu_reshape_and_cache_f32 pm_emu_reshape_and_cache_f16 pm_emu_reshape_and_cache_bf16
         (k: Ptr, v: Ptr, k_cache: Mut, v_cache: Mut, slots: *const i64, num_kv_heads: i32, head_dim: i32,
          block_size: i32);
@@ -177,6 +179,17 @@ pub fn silu_mul_in_place<E: Element>(gate: &mut [E], up: &[E]) {
         E,
         geometry::per_element(gate.len()),
         [pm_emu_silu_mul_f32, pm_emu_silu_mul_f16, pm_emu_silu_mul_bf16](g, g.cast_const(), ptr(up), gate.len() as i64)
+    );
+}
+
+/// `x[r][i] += bias[i]` for every row of `x` (rows of `bias.len()`).
+pub fn add_bias<E: Element>(x: &mut [E], bias: &[E]) {
+    assert!(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "add_bias shapes");
+    let n = i32::try_from(bias.len()).expect("a bias fits an int");
+    launch!(
+        E,
+        geometry::per_element(x.len()),
+        [pm_emu_add_bias_f32, pm_emu_add_bias_f16, pm_emu_add_bias_bf16](mptr(x), ptr(bias), n, x.len() as i64)
     );
 }
 

@@ -39,6 +39,7 @@ const SIGNATURES: &[(&str, &[Param])] = &[
     ("fused_add_rms_norm", &[Ptr(T, true), Ptr(T, true), Ptr(T, false), Ptr(T, false), Float, Int]),
     ("rope", &[Ptr(T, true), Ptr(T, true), Ptr(I32, false), Ptr(F32, false), Int, Int, Int]),
     ("silu_mul", &[Ptr(T, true), Ptr(T, false), Ptr(T, false), Long]),
+    ("add_bias", &[Ptr(T, true), Ptr(T, false), Int, Long]),
     ("reshape_and_cache", &[Ptr(T, false), Ptr(T, false), Ptr(T, true), Ptr(T, true), Ptr(I64, false), Int, Int, Int]),
     ("copy_blocks", &[Ptr(T, true), Ptr(T, true), Ptr(I32, false), Long]),
     (

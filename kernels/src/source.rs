@@ -29,7 +29,7 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         file: "layers.cu",
         text: include_str!("../cuda/layers.cu"),
-        kernels: &["embedding", "rms_norm", "fused_add_rms_norm", "rope", "silu_mul"],
+        kernels: &["embedding", "rms_norm", "fused_add_rms_norm", "rope", "silu_mul", "add_bias"],
     },
 ];
 

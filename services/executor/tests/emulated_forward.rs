@@ -161,13 +161,17 @@ fn stories260k_greedy_tokens_match_the_reference_through_the_emulated_kernels() 
 /// against the CPU backend in f32: the worst `max |got - want| / max |want|` over the prompts,
 /// and how many prompts agree on the most likely token.
 fn half_precision_logits<E: pagemesh_executor::gpu::GpuElement>() -> (f64, usize, usize) {
+    logits_against_the_cpu::<E>(&model_dir())
+}
+
+/// Like [`half_precision_logits`] for the model in `dir` (the reference prompts' ids).
+fn logits_against_the_cpu<E: pagemesh_executor::gpu::GpuElement>(dir: &std::path::Path) -> (f64, usize, usize) {
     use pagemesh_executor::{CacheConfig, CpuExecutor};
     let text = std::fs::read_to_string(model_dir().join("reference.json")).expect("reference.json");
     let reference: Value = serde_json::from_str(&text).expect("reference.json parses");
-    let cpu =
-        CpuExecutor::load(&model_dir(), None, CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 })
-            .expect("cpu model");
-    let model = GpuModel::<E, _>::load(EmulatedBackend, &model_dir()).expect("model loads");
+    let cpu = CpuExecutor::load(dir, None, CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 })
+        .expect("cpu model");
+    let model = GpuModel::<E, _>::load(EmulatedBackend, dir).expect("model loads");
     let (mut worst, mut agree, mut total) = (0.0f64, 0, 0);
     for case in reference["cases"].as_array().expect("cases") {
         let prompt = ids(&case["prompt_ids"]);
@@ -200,4 +204,71 @@ fn stories260k_logits_in_f16_and_bf16_stay_close_to_the_cpu() {
     eprintln!("bf16: worst relative error {bf16_err:e}, {bf16_agree}/{n} argmax agree");
     assert!(f16_err < 1e-2 && f16_agree == n, "f16: {f16_err:e}, {f16_agree}/{n}");
     assert!(bf16_err < 5e-2 && bf16_agree == n, "bf16: {bf16_err:e}, {bf16_agree}/{n}");
+}
+
+/// stories260K with `attention_bias` and random q/k/v biases, written to a fresh directory.
+fn biased_copy_of_stories260k() -> PathBuf {
+    use safetensors::tensor::TensorView;
+    let dir = std::env::temp_dir().join(format!("pagemesh-qkv-bias-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir().join("config.json")).expect("config")).expect("json");
+    config["attention_bias"] = Value::Bool(true);
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("write config");
+    let bytes = std::fs::read(model_dir().join("model.safetensors")).expect("weights");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let (heads, kv_heads, hd) = (8usize, 4usize, 8usize);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5).to_le_bytes()
+            })
+            .collect()
+    };
+    let mut biases = Vec::new();
+    for layer in 0..5 {
+        for (proj, n) in [("q", heads * hd), ("k", kv_heads * hd), ("v", kv_heads * hd)] {
+            biases.push((format!("model.layers.{layer}.self_attn.{proj}_proj.bias"), n, random(n)));
+        }
+    }
+    let mut views: Vec<(String, TensorView<'_>)> =
+        tensors.tensors().into_iter().map(|(name, view)| (name.to_string(), view)).collect();
+    for (name, n, data) in &biases {
+        views.push((name.clone(), TensorView::new(safetensors::Dtype::F32, vec![*n], data).expect("bias view")));
+    }
+    let out = safetensors::serialize(views, None).expect("serialize");
+    std::fs::write(dir.join("model.safetensors"), out).expect("write weights");
+    dir
+}
+
+#[test]
+fn qkv_biases_are_added_on_the_gpu_path_as_on_the_cpu() {
+    // Qwen2-style projections with biases: the emulated GPU path's logits match the CPU
+    // backend's, and the biases matter (the CPU's logits move by more than the tolerance).
+    let dir = biased_copy_of_stories260k();
+    let (err, agree, n) = logits_against_the_cpu::<f32>(&dir);
+    eprintln!("f32 with qkv biases: worst relative error {err:e}, {agree}/{n} argmax agree");
+    assert!(err < 1e-4 && agree == n, "with biases: {err:e}, {agree}/{n}");
+    let plain = pagemesh_executor::CpuExecutor::load(
+        &model_dir(),
+        None,
+        pagemesh_executor::CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 },
+    )
+    .expect("cpu model");
+    let biased = pagemesh_executor::CpuExecutor::load(
+        &dir,
+        None,
+        pagemesh_executor::CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 },
+    )
+    .expect("biased cpu model");
+    let prompt = [1u32, 403, 407, 261, 378];
+    let a = plain.logits_for_prompt(&prompt).expect("logits").pop().expect("row");
+    let b = biased.logits_for_prompt(&prompt).expect("logits").pop().expect("row");
+    let moved = a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(moved > 1e-2, "the biases change the logits (by {moved})");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }

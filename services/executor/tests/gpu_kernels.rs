@@ -566,3 +566,20 @@ fn swapping_out_and_back_in_restores_blocks() {
     let mut rng = rng("swap");
     each_dtype!(swap_case(&mut rng));
 }
+
+fn add_bias_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng) {
+    for (rows, n) in [(1usize, 64usize), (7, 96), (33, 1000)] {
+        let x = rounded::<E>(&uniform(rng, rows * n, 2.0));
+        let bias = rounded::<E>(&uniform(rng, n, 1.0));
+        let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + bias[i % n]).collect();
+        let mut got = to_dev(b, &to_elems::<E>(&x));
+        b.add_bias(&mut got, &to_dev(b, &to_elems::<E>(&bias))).expect("add_bias");
+        check(&format!("add_bias {rows}x{n}"), &from_dev(b, &got), &want);
+    }
+}
+
+#[test]
+fn bias_add_matches_the_cpu() {
+    let mut rng = rng("add_bias");
+    each_dtype!(add_bias_case(&mut rng));
+}

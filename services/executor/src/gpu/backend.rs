@@ -124,6 +124,8 @@ pub trait KernelBackend<E: GpuElement> {
         inv_freq: &Self::Buffer<f32>,
         shape: &AttentionShape,
     ) -> Result<()>;
+    /// `x[r][i] += bias[i]` for every row of `x`.
+    fn add_bias(&self, x: &mut Self::Buffer<E>, bias: &Self::Buffer<E>) -> Result<()>;
     /// `gate = silu(gate) · up`.
     fn silu_mul_in_place(&self, gate: &mut Self::Buffer<E>, up: &Self::Buffer<E>) -> Result<()>;
     /// Writes every row's K and V into its slot of one layer's pools.

@@ -407,6 +407,21 @@ where
         unsafe { args.launch(launch) }
     }
 
+    fn add_bias(&self, x: &mut CudaSlice<E>, bias: &CudaSlice<E>) -> Result<()> {
+        let (n, total) = (int(bias.len())?, x.len() as i64);
+        if bias.is_empty() || !x.len().is_multiple_of(bias.len()) {
+            return Err(ExecutorError::Device(format!(
+                "add_bias: {} elements are not rows of {}",
+                x.len(),
+                bias.len()
+            )));
+        }
+        let launch = geometry::per_element(x.len());
+        let args = Args::<E>::new(self, "add_bias")?.t_out(x).t_in(bias).int(&n).long(&total);
+        // SAFETY: x holds whole rows of bias.len() elements.
+        unsafe { args.launch(launch) }
+    }
+
     fn silu_mul_in_place(&self, gate: &mut CudaSlice<E>, up: &CudaSlice<E>) -> Result<()> {
         let n = gate.len() as i64;
         let launch = geometry::per_element(gate.len());

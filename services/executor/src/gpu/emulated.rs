@@ -95,6 +95,11 @@ impl<E: GpuElement> KernelBackend<E> for EmulatedBackend {
         Ok(())
     }
 
+    fn add_bias(&self, x: &mut Vec<E>, bias: &Vec<E>) -> Result<()> {
+        emu::add_bias(x, bias);
+        Ok(())
+    }
+
     fn silu_mul_in_place(&self, gate: &mut Vec<E>, up: &Vec<E>) -> Result<()> {
         emu::silu_mul_in_place(gate, up);
         Ok(())

@@ -16,11 +16,19 @@ use crate::weights::WeightStore;
 
 type Buf<E, B, T> = <B as KernelBackend<E>>::Buffer<T>;
 
+/// The q, k and v biases of a layer (Qwen2, `attention_bias`).
+struct QkvBias<E: GpuElement, B: KernelBackend<E>> {
+    q: Buf<E, B, E>,
+    k: Buf<E, B, E>,
+    v: Buf<E, B, E>,
+}
+
 struct Layer<E: GpuElement, B: KernelBackend<E>> {
     input_norm: Buf<E, B, E>,
     q: Buf<E, B, E>,
     k: Buf<E, B, E>,
     v: Buf<E, B, E>,
+    bias: Option<QkvBias<E, B>>,
     o: Buf<E, B, E>,
     post_norm: Buf<E, B, E>,
     gate: Buf<E, B, E>,
@@ -111,9 +119,6 @@ impl<E: GpuElement, B: KernelBackend<E>> GpuModel<E, B> {
     /// Uploads the weights of an opened store.
     pub fn from_store(backend: B, config: ModelConfig, store: &WeightStore) -> Result<Self> {
         let c = &config;
-        if c.qkv_bias {
-            return Err(ExecutorError::Config("the GPU path has no bias kernel yet (qkv_bias models)".into()));
-        }
         let shape = Self::shape_of(c, 16);
         shape.validate().map_err(ExecutorError::Config)?;
         let (d, hd) = (c.hidden_size, c.head_dim);
@@ -130,6 +135,15 @@ impl<E: GpuElement, B: KernelBackend<E>> GpuModel<E, B> {
                 q: get(&format!("{p}.self_attn.q_proj.weight"), &[c.num_heads * hd, d])?,
                 k: get(&format!("{p}.self_attn.k_proj.weight"), &[c.num_kv_heads * hd, d])?,
                 v: get(&format!("{p}.self_attn.v_proj.weight"), &[c.num_kv_heads * hd, d])?,
+                bias: if c.qkv_bias {
+                    Some(QkvBias {
+                        q: get(&format!("{p}.self_attn.q_proj.bias"), &[c.num_heads * hd])?,
+                        k: get(&format!("{p}.self_attn.k_proj.bias"), &[c.num_kv_heads * hd])?,
+                        v: get(&format!("{p}.self_attn.v_proj.bias"), &[c.num_kv_heads * hd])?,
+                    })
+                } else {
+                    None
+                },
                 o: get(&format!("{p}.self_attn.o_proj.weight"), &[d, c.num_heads * hd])?,
                 post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
                 gate: get(&format!("{p}.mlp.gate_proj.weight"), &[c.intermediate_size, d])?,
@@ -281,6 +295,11 @@ impl<E: GpuElement, B: KernelBackend<E>> GpuModel<E, B> {
             b.gemm(&mut q, &h, &layer.q, rows, qw, d)?;
             b.gemm(&mut k, &h, &layer.k, rows, kvw, d)?;
             b.gemm(&mut v, &h, &layer.v, rows, kvw, d)?;
+            if let Some(bias) = &layer.bias {
+                b.add_bias(&mut q, &bias.q)?;
+                b.add_bias(&mut k, &bias.k)?;
+                b.add_bias(&mut v, &bias.v)?;
+            }
             b.rope(&mut q, &mut k, &positions, &self.inv_freq, &shape)?;
             b.reshape_and_cache(&k, &v, &mut cache.k[li], &mut cache.v[li], &slots, &shape)?;
             if let Some(meta) = &decode {
