@@ -12,6 +12,7 @@
 //! * [`step_delta`]: the incremental form of step plans sent to executors.
 //! * [`metrics`]: the Prometheus metric names, labels and histogram buckets.
 
+pub mod chat_message;
 pub mod config;
 pub mod limits;
 pub mod metrics;
@@ -23,6 +24,7 @@ pub mod step_delta;
 pub mod subjects;
 pub mod wire;
 
+pub use chat_message::ChatMessage;
 pub use config::{EngineConfig, KvAllocation, PreemptionMode};
 pub use output::{FinishReason, SampledToken};
 pub use sampling::SamplingParams;

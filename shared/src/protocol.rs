@@ -6,18 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chat_message::ChatMessage;
 use crate::output::{FinishReason, SampledToken};
 use crate::sampling::SamplingParams;
 use crate::step::StepOutput;
-
-/// A chat message.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Message {
-    /// `system`, `user`, `assistant`, …
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
 
 /// The prompt of a generation request: text, token ids, or chat messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,7 +56,7 @@ pub struct GenerateRequest {
     pub prompt: Option<Prompt>,
     /// Chat messages, rendered with the model's chat template.
     #[serde(default)]
-    pub messages: Option<Vec<Message>>,
+    pub messages: Option<Vec<ChatMessage>>,
     /// With `messages`: end the rendered prompt with the assistant's turn (default true).
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,

@@ -309,12 +309,6 @@ pub struct DetokenizerService {
     term: u64,
 }
 
-enum Incoming {
-    Event(async_nats::Message),
-    SchedulerBeat(async_nats::Message),
-    Report(async_nats::Message),
-}
-
 /// Most bytes of streams in one page of a report (well under a NATS message).
 const REPORT_PAGE_BYTES: usize = 256 * 1024;
 
@@ -449,7 +443,10 @@ impl DetokenizerService {
         if self.streams.is_empty() || !self.bus.link().is_silent(self.last_scheduler, now, SCHEDULER_GRACE) {
             return;
         }
-        eprintln!("detokenizer: no scheduler heard for {SCHEDULER_GRACE:?}; ending {} streams", self.streams.len());
+        tracing::warn!(
+            "detokenizer: no scheduler heard for {SCHEDULER_GRACE:?}; ending {} streams",
+            self.streams.len()
+        );
         let ids: Vec<String> = self.streams.keys().cloned().collect();
         for request_id in ids {
             let message = Some("the scheduler serving this request is gone".to_string());
@@ -496,7 +493,7 @@ impl DetokenizerService {
                 let inbox = Topic::json(output.reply_to.clone());
                 for chunk in &output.chunks {
                     if let Err(e) = bus.publish(&inbox, chunk).await {
-                        eprintln!("detokenizer: cannot publish a chunk: {e}");
+                        tracing::warn!("detokenizer: cannot publish a chunk: {e}");
                     }
                 }
                 if output.abort {
@@ -569,6 +566,13 @@ impl DetokenizerService {
             .into_actor(self),
         );
     }
+}
+
+/// A message on one of the detokenizer's subjects.
+enum Incoming {
+    Event(async_nats::Message),
+    SchedulerBeat(async_nats::Message),
+    Report(async_nats::Message),
 }
 
 impl StreamHandler<Incoming> for DetokenizerService {

@@ -354,6 +354,11 @@ impl PagedFixture {
         Self { shape, cache, tables, max_blocks }
     }
 
+    /// The K and V pools on the backend, in its element type.
+    fn pools_on<E: GpuElement, B: KernelBackend<E>>(&self, b: &B) -> (B::Buffer<E>, B::Buffer<E>) {
+        (to_dev(b, &to_elems::<E>(&self.cache.device.k[0])), to_dev(b, &to_elems::<E>(&self.cache.device.v[0])))
+    }
+
     /// Block tables padded to `max_blocks` (with block 0).
     fn flat_tables(&self) -> Vec<i32> {
         self.tables.iter().flat_map(|t| (0..self.max_blocks).map(|i| t.get(i).map_or(0, |&b| b as i32))).collect()
@@ -415,41 +420,40 @@ fn decode_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng, shap
         num_seqs: contexts.len(),
         max_context: contexts.iter().copied().max().unwrap_or(1),
     };
-    b.paged_attention_decode(
-        &mut out,
-        &to_dev(b, &to_elems::<E>(&q)),
-        &to_dev(b, &to_elems::<E>(&fx.cache.device.k[0])),
-        &to_dev(b, &to_elems::<E>(&fx.cache.device.v[0])),
-        &meta,
-        &shape,
-    )
-    .expect("paged_attention_decode");
+    let (k_pool, v_pool) = fx.pools_on(b);
+    b.paged_attention_decode(&mut out, &to_dev(b, &to_elems::<E>(&q)), &k_pool, &v_pool, &meta, &shape)
+        .expect("paged_attention_decode");
     let out = from_dev(b, &out);
     let decoded = contexts.len() * width;
     assert!(to_f32(&out[decoded..]).iter().all(|x| x.is_nan()), "a row that is not decoded was written");
     check(&format!("decode {shape:?}"), &out[..decoded], &want[..decoded])
 }
 
-fn decode_all<E: GpuElement, B: KernelBackend<E>>(b: &B) {
-    let mut rng = rng(&format!("decode {:?}", E::DTYPE));
-    let worst = attention_shapes().into_iter().map(|s| decode_case::<E, B>(b, &mut rng, s)).fold(0.0, f64::max);
-    eprintln!("decode {:?}: worst relative error {worst:e}", E::DTYPE);
+/// Runs an attention case over every shape and prints the worst error.
+fn over_shapes<E: GpuElement, B: KernelBackend<E>>(
+    b: &B,
+    kind: &str,
+    case: fn(&B, &mut StdRng, AttentionShape) -> f64,
+) {
+    let mut rng = rng(&format!("{kind} {:?}", E::DTYPE));
+    let worst = attention_shapes().into_iter().map(|s| case(b, &mut rng, s)).fold(0.0, f64::max);
+    eprintln!("{kind} {:?}: worst relative error {worst:e}", E::DTYPE);
 }
 
-#[test]
-fn decode_attention_matches_the_cpu_f32() {
-    with_backend!(b => decode_all::<f32, _>(b));
+/// One test per element type of an attention case over every shape.
+macro_rules! attention_tests {
+    ($case:ident, $kind:literal: $($test:ident => $e:ty),+) => {$(
+        #[test]
+        fn $test() {
+            with_backend!(b => over_shapes::<$e, _>(b, $kind, $case::<$e, _>));
+        }
+    )+};
 }
 
-#[test]
-fn decode_attention_matches_the_cpu_f16() {
-    with_backend!(b => decode_all::<f16, _>(b));
-}
-
-#[test]
-fn decode_attention_matches_the_cpu_bf16() {
-    with_backend!(b => decode_all::<bf16, _>(b));
-}
+attention_tests!(decode_case, "decode":
+    decode_attention_matches_the_cpu_f32 => f32,
+    decode_attention_matches_the_cpu_f16 => f16,
+    decode_attention_matches_the_cpu_bf16 => bf16);
 
 fn prefill_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng, shape: AttentionShape) -> f64 {
     let bs = shape.block_size;
@@ -477,39 +481,17 @@ fn prefill_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng, sha
         tables: to_dev(b, &fx.flat_tables()),
         max_blocks: fx.max_blocks,
     };
-    b.paged_attention_prefill(
-        &mut out,
-        &to_dev(b, &to_elems::<E>(&q)),
-        &to_dev(b, &to_elems::<E>(&fx.cache.device.k[0])),
-        &to_dev(b, &to_elems::<E>(&fx.cache.device.v[0])),
-        &meta,
-        &shape,
-    )
-    .expect("paged_attention_prefill");
+    let (k_pool, v_pool) = fx.pools_on(b);
+    b.paged_attention_prefill(&mut out, &to_dev(b, &to_elems::<E>(&q)), &k_pool, &v_pool, &meta, &shape)
+        .expect("paged_attention_prefill");
     let out = from_dev(b, &out);
     check(&format!("prefill {shape:?}"), &out, &want)
 }
 
-fn prefill_all<E: GpuElement, B: KernelBackend<E>>(b: &B) {
-    let mut rng = rng(&format!("prefill {:?}", E::DTYPE));
-    let worst = attention_shapes().into_iter().map(|s| prefill_case::<E, B>(b, &mut rng, s)).fold(0.0, f64::max);
-    eprintln!("prefill {:?}: worst relative error {worst:e}", E::DTYPE);
-}
-
-#[test]
-fn prefill_attention_matches_the_cpu_f32() {
-    with_backend!(b => prefill_all::<f32, _>(b));
-}
-
-#[test]
-fn prefill_attention_matches_the_cpu_f16() {
-    with_backend!(b => prefill_all::<f16, _>(b));
-}
-
-#[test]
-fn prefill_attention_matches_the_cpu_bf16() {
-    with_backend!(b => prefill_all::<bf16, _>(b));
-}
+attention_tests!(prefill_case, "prefill":
+    prefill_attention_matches_the_cpu_f32 => f32,
+    prefill_attention_matches_the_cpu_f16 => f16,
+    prefill_attention_matches_the_cpu_bf16 => bf16);
 
 fn gemm_case<E: GpuElement, B: KernelBackend<E>>(b: &B, rng: &mut StdRng) {
     // One decode row, odd sizes, a prefill-sized batch, and a wide projection.

@@ -5,6 +5,7 @@
 //! prompt; their choices are numbered prompt by prompt, `n` per prompt (as vLLM does).
 
 use actix_web::web::Bytes;
+use pagemesh_shared::ChatMessage;
 use serde_json::{json, Map, Value};
 
 /// Most prompts one completion request may carry.
@@ -240,24 +241,11 @@ fn chat_fields(body: &Map<String, Value>, out: &mut Map<String, Value>) -> Resul
     Ok(())
 }
 
+/// A message as the project's one chat-message type reads it (role, and content as a string,
+/// null or text parts), written back as the mesh's JSON.
 fn chat_message(m: &Value) -> Result<Value, String> {
-    let role = m.get("role").and_then(Value::as_str).ok_or("a message needs a string `role`")?;
-    let content = match m.get("content") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => {
-            let mut text = String::new();
-            for part in parts {
-                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(t)) => text.push_str(t),
-                    _ => return Err("only text content parts are supported".into()),
-                }
-            }
-            text
-        }
-        None | Some(Value::Null) => String::new(),
-        Some(_) => return Err("`content` must be a string or a list of text parts".into()),
-    };
-    Ok(json!({"role": role, "content": content}))
+    let message: ChatMessage = serde_json::from_value(m.clone()).map_err(|e| e.to_string())?;
+    serde_json::to_value(message).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -267,6 +255,30 @@ mod tests {
     fn completion(body: Value) -> Result<Generation, ApiError> {
         let Value::Object(map) = body else { panic!("test bodies are objects") };
         to_generate(Endpoint::Completions, &map, "cmpl-1")
+    }
+
+    #[test]
+    fn chat_messages_are_read_as_the_one_chat_message_type() {
+        let body = json!({"messages": [
+            {"role": "system", "content": null},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}], "name": "x"},
+        ]});
+        let Value::Object(map) = body else { unreachable!() };
+        let g = to_generate(Endpoint::Chat, &map, "chat-1").expect("valid");
+        assert_eq!(
+            g.requests[0]["messages"],
+            json!([{"role": "system", "content": ""}, {"role": "user", "content": "Hi there"}])
+        );
+        for (bad, why) in [
+            (json!([{"content": "no role"}]), "role"),
+            (json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), "image_url"),
+            (json!([{"role": "user", "content": 7}]), "a string, null, or a list"),
+        ] {
+            let Value::Object(map) = json!({"messages": bad}) else { unreachable!() };
+            let e = to_generate(Endpoint::Chat, &map, "chat-1").expect_err("refused");
+            assert!(e.message.starts_with("messages[0]: ") && e.message.contains(why), "{}", e.message);
+            assert_eq!(e.param.as_deref(), Some("messages"));
+        }
     }
 
     #[test]

@@ -275,9 +275,11 @@ fn start_executor(
         incarnation: rand::random::<u64>(),
         protocol_version: pagemesh_shared::protocol::INTERNAL_PROTOCOL_VERSION,
     };
-    eprintln!(
+    tracing::info!(
         "executor {} serving {model} on {} ({} device blocks)",
-        registration.executor_id, device.device, config.num_device_blocks
+        registration.executor_id,
+        device.device,
+        config.num_device_blocks
     );
     ExecutorService::start(bus, executor, registration);
     Ok(())
@@ -344,7 +346,7 @@ async fn run_gateway(bus: Bus, http: &HttpArgs) -> Result<(), String> {
     .on_connect(pagemesh_gateway::http_guard::record_socket)
     .bind((http.host.as_str(), http.port))
     .map_err(|e| format!("cannot listen on {}:{}: {e}", http.host, http.port))?;
-    eprintln!("gateway listening on http://{}:{}", http.host, http.port);
+    tracing::info!("gateway listening on http://{}:{}", http.host, http.port);
     server.run().await.map_err(|e| e.to_string())
 }
 
@@ -442,7 +444,7 @@ pub fn detokenizer(mut args: DetokenizerArgs) -> Result<(), String> {
         let bus = connect(&args.nats, Role::Detokenizer).await?;
         let id = args.detokenizer_id.clone().unwrap_or_else(new_id);
         pagemesh_shared::limits::check_instance_id(&id).map_err(|e| format!("--detokenizer-id: {e}"))?;
-        eprintln!("detokenizer {id}");
+        tracing::info!("detokenizer {id}");
         DetokenizerService::new(bus, id, tokenizer, name).start();
         wait_forever().await
     })
@@ -532,7 +534,7 @@ fn ensure_nats(nats: &mut NatsArgs, allowed: bool, insecure: bool) -> Result<Opt
         let dir = nats.nats_auth_dir.clone().unwrap_or_else(|| default_auth_dir(&address));
         nats_auth::write_auth_dir(&dir, &address.to_string(), &nats.subject_prefix, &["client".to_string()])?;
         server_args = vec!["-c".to_string(), nats_auth::config_path(&dir).display().to_string()];
-        eprintln!(
+        tracing::info!(
             "the bus has accounts and permissions: NATS clients connect to {url} with the NKey seed in {} \
              (nats-py: nats.connect(url, nkeys_seed=...); the nats CLI: --nkey ...)",
             nats_auth::seed_path(&dir, "client").display()
@@ -551,7 +553,7 @@ fn ensure_nats(nats: &mut NatsArgs, allowed: bool, insecure: bool) -> Result<Opt
                  or point --nats-url at a running server"
             )
         })?;
-    eprintln!("started nats-server on {address} (no NATS server was reachable at {url})");
+    tracing::info!("started nats-server on {address} (no NATS server was reachable at {url})");
     let server = OwnNatsServer(child);
     for _ in 0..50 {
         if TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_ok() {

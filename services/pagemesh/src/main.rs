@@ -16,6 +16,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text (`human`) or one JSON object per line (`json`); the filter is
+    /// `PAGEMESH_LOG` (default `info,async_nats=warn`).
+    #[arg(long, global = true, env = "PAGEMESH_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: pagemesh_bus::logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -50,6 +54,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    pagemesh_bus::logging::init(cli.log_format);
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::SynthModel(args) => synth::run(args),

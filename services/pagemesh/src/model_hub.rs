@@ -223,7 +223,7 @@ fn download(repo: &str, revision: &str, settings: &HubSettings) -> Result<PathBu
     if !wanted.iter().any(|f| f.ends_with(".safetensors")) {
         return Err(format!("{repo}@{revision} has no .safetensors weights"));
     }
-    eprintln!("fetching {repo}@{revision} ({} files) into {}", wanted.len(), settings.cache_dir.display());
+    tracing::info!("fetching {repo}@{revision} ({} files) into {}", wanted.len(), settings.cache_dir.display());
     let mut snapshot = None;
     for file in wanted {
         let path = hub_repo.get(file).map_err(|e| format!("cannot fetch {file} of {repo}: {e}"))?;

@@ -301,7 +301,7 @@ impl OrderedPublisher {
         actix_rt::spawn(async move {
             while let Some((subject, payload)) = receiver.recv().await {
                 if let Err(e) = client.publish(subject.clone(), payload.into()).await {
-                    eprintln!("publish on {subject} failed: {e}");
+                    tracing::warn!("publish on {subject} failed: {e}");
                 }
             }
         });
@@ -312,7 +312,7 @@ impl OrderedPublisher {
     pub fn publish<M: Serialize + DeserializeOwned>(&self, topic: &Topic<M>, message: &M) {
         match topic.encode(message) {
             Ok(payload) => self.publish_bytes(topic.subject().to_string(), payload),
-            Err(e) => eprintln!("{e}"),
+            Err(e) => tracing::warn!("{e}"),
         }
     }
 
@@ -324,13 +324,13 @@ impl OrderedPublisher {
     {
         match endpoint.encode_response(response) {
             Ok(payload) => self.publish_bytes(reply, payload),
-            Err(e) => eprintln!("{e}"),
+            Err(e) => tracing::warn!("{e}"),
         }
     }
 
     fn publish_bytes(&self, subject: String, payload: Vec<u8>) {
         if self.queue.send((subject, payload)).is_err() {
-            eprintln!("the publisher has stopped");
+            tracing::warn!("the publisher has stopped");
         }
     }
 }

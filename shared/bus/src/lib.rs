@@ -10,6 +10,7 @@
 
 pub mod bus;
 pub mod listen;
+pub mod logging;
 pub mod metrics_endpoint;
 pub mod nats_auth;
 pub mod parts;

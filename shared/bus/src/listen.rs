@@ -58,7 +58,7 @@ pub fn listen<A, T>(
                 ctx.add_stream(stream);
             }
             Err(e) => {
-                eprintln!("{service}: cannot subscribe: {e}");
+                tracing::error!("{service}: cannot subscribe: {e}");
                 System::current().stop_with_code(1);
             }
         },

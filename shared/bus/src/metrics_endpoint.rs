@@ -111,10 +111,10 @@ pub fn start(args: &MetricsArgs, service: &str) -> Result<(), String> {
         .bind((args.metrics_host.as_str(), port))
         .map_err(|e| format!("cannot listen for metrics on {}:{port}: {e}", args.metrics_host))?
         .run();
-    eprintln!("metrics on http://{}:{port}/metrics", args.metrics_host);
+    tracing::info!("metrics on http://{}:{port}/metrics", args.metrics_host);
     actix_rt::spawn(async move {
         if let Err(e) = server.await {
-            eprintln!("the metrics endpoint stopped: {e}");
+            tracing::warn!("the metrics endpoint stopped: {e}");
         }
     });
     Ok(())

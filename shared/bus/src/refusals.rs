@@ -30,6 +30,6 @@ pub fn refuse(service: &'static str, message: &'static str, why: &str) {
         && LAST_LOGGED.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     {
         let why: String = why.chars().take(200).collect();
-        eprintln!("{service}: refused a {message} message: {why}");
+        tracing::warn!("{service}: refused a {message} message: {why}");
     }
 }

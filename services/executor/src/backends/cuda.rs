@@ -61,9 +61,11 @@ pub fn cuda_executor(args: &EngineArgs, device: &DeviceArgs) -> Result<(Box<dyn 
     let base = args.engine_config(&model_config)?;
     let cfg = load_config(args, device, base.block_size);
     let (executor, pools) = CudaExecutor::load(&cfg, base.num_device_blocks).map_err(|e| e.to_string())?;
-    eprintln!(
+    tracing::info!(
         "cuda: GPU {}: {} KV blocks on the GPU, {} pinned host blocks",
-        device.cuda_device, pools.device_blocks, pools.host_blocks
+        device.cuda_device,
+        pools.device_blocks,
+        pools.host_blocks
     );
     let engine = EngineConfig { num_device_blocks: pools.device_blocks, num_host_blocks: pools.host_blocks, ..base };
     Ok((Box::new(executor), engine))

@@ -129,7 +129,7 @@ impl ExecutorService {
         ctx.spawn(
             async move {
                 if let Err(e) = bus.publish(&bus.subjects.executor_heartbeat(), &registration).await {
-                    eprintln!("executor: heartbeat failed: {e}");
+                    tracing::warn!("executor: heartbeat failed: {e}");
                 }
             }
             .into_actor(self),
@@ -193,7 +193,7 @@ impl StreamHandler<IncomingStep> for ExecutorService {
                 };
                 let answer = StepResponse { incarnation, step, reply: outcome };
                 if let Err(e) = bus.respond(&endpoint, reply.to_string(), &answer).await {
-                    eprintln!("executor: cannot answer a step: {e}");
+                    tracing::warn!("executor: cannot answer a step: {e}");
                 }
             }
             .into_actor(self),

@@ -689,9 +689,11 @@ impl SchedulerService {
         let Some(slot) = self.executors.get_mut(&done.executor) else { return };
         let result = match done.result {
             Ok(response) if response.incarnation != slot.registration.incarnation || response.step != done.step => {
-                eprintln!(
+                tracing::warn!(
                     "scheduler: executor {} answered as incarnation {} (registered as {}): it restarted",
-                    done.executor, response.incarnation, slot.registration.incarnation
+                    done.executor,
+                    response.incarnation,
+                    slot.registration.incarnation
                 );
                 self.stale_reply();
                 self.lose_executor(&done.executor, ctx);
@@ -712,15 +714,15 @@ impl SchedulerService {
                 self.drive(&done.executor, ctx);
             }
             Ok(StepReply::Failed(message)) => {
-                eprintln!("scheduler: executor {} failed a step: {message}", done.executor);
+                tracing::warn!("scheduler: executor {} failed a step: {message}", done.executor);
                 self.fail_step(&done.executor, &message, &[], ctx);
             }
             Ok(StepReply::Refused { message, seq_ids }) => {
-                eprintln!("scheduler: executor {} refused a step: {message}", done.executor);
+                tracing::warn!("scheduler: executor {} refused a step: {message}", done.executor);
                 self.fail_step(&done.executor, &message, &seq_ids, ctx);
             }
             Err(e) => {
-                eprintln!("scheduler: executor {} did not answer a step: {e}", done.executor);
+                tracing::warn!("scheduler: executor {} did not answer a step: {e}", done.executor);
                 self.lose_executor(&done.executor, ctx);
             }
         }
@@ -771,7 +773,7 @@ impl SchedulerService {
         let Some(slot) = self.executors.remove(executor) else { return };
         self.metrics.executor_lost();
         self.lost.insert(executor.to_string(), (Instant::now(), slot.registration.incarnation));
-        eprintln!("scheduler: executor {executor} is gone; moving its requests");
+        tracing::warn!("scheduler: executor {executor} is gone; moving its requests");
         let moved = self.requests_on(executor);
         slot.metrics.lost(moved.len());
         self.rehome(moved, ctx);
@@ -892,7 +894,7 @@ impl SchedulerService {
                     tokens.push(TokenEvent { sample_index: i as u32, token: None, finish: state.finished[i] });
                 }
             }
-            eprintln!("scheduler: stream of {id} moves to detokenizer {target}");
+            tracing::info!(request_id = %id, "scheduler: stream of {id} moves to detokenizer {target}");
             self.send_event(&target, DetokenizerEvent::Open(Box::new(open)));
             if !tokens.is_empty() {
                 self.send_event(&target, DetokenizerEvent::Tokens { request_id: id, tokens });
@@ -916,7 +918,7 @@ impl SchedulerService {
             }
             Some(_) => {
                 // The same id, another life: the executor restarted and its KV cache is gone.
-                eprintln!("scheduler: executor {} restarted", registration.executor_id);
+                tracing::warn!("scheduler: executor {} restarted", registration.executor_id);
                 self.lose_executor(&registration.executor_id, ctx);
             }
             None => {}
@@ -934,7 +936,7 @@ impl SchedulerService {
             refuse("scheduler", "executor_heartbeat", &format!("executor {}: {e}", registration.executor_id));
             return;
         }
-        eprintln!(
+        tracing::info!(
             "scheduler: executor {} registered ({} device / {} host blocks of {})",
             registration.executor_id,
             registration.num_device_blocks,
@@ -964,7 +966,7 @@ impl SchedulerService {
     fn on_detokenizer_beat(&mut self, beat: Heartbeat, ctx: &mut Context<Self>) {
         let new = self.detokenizers.insert(beat.id.clone(), Instant::now()).is_none();
         if new {
-            eprintln!("scheduler: detokenizer {} registered", beat.id);
+            tracing::info!("scheduler: detokenizer {} registered", beat.id);
             self.admit(ctx);
         }
     }
@@ -999,7 +1001,7 @@ impl SchedulerService {
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
-            eprintln!("scheduler: detokenizer {id} is gone; moving its streams");
+            tracing::warn!("scheduler: detokenizer {id} is gone; moving its streams");
             self.detokenizers.remove(&id);
             self.lose_detokenizer(&id);
         }
@@ -1025,7 +1027,7 @@ impl SchedulerService {
     /// runs their requests on from there (re-prefilled from prompt + tokens so far, like a
     /// request moved off a lost executor). Executors register on their next heartbeat.
     fn take_over(&mut self, term: u64, ctx: &mut Context<Self>) {
-        eprintln!("scheduler {}: serving (term {term})", self.id);
+        tracing::info!("scheduler {}: serving (term {term})", self.id);
         self.announce();
         for detokenizer in self.detokenizers.keys().cloned().collect::<Vec<_>>() {
             let (bus, limits) = (self.bus.clone(), self.config.limits);
@@ -1045,7 +1047,7 @@ impl SchedulerService {
         let streams = match reported.streams {
             Ok(streams) => streams,
             Err(e) => {
-                eprintln!("scheduler: detokenizer {} did not report its streams: {e}", reported.detokenizer);
+                tracing::warn!("scheduler: detokenizer {} did not report its streams: {e}", reported.detokenizer);
                 return;
             }
         };
@@ -1068,13 +1070,13 @@ impl SchedulerService {
             }
         }
         self.migrated += adopted;
-        eprintln!("scheduler: adopted {adopted} streams from detokenizer {}", reported.detokenizer);
+        tracing::info!("scheduler: adopted {adopted} streams from detokenizer {}", reported.detokenizer);
         self.admit(ctx);
     }
 
     /// Another scheduler serves now: forget every request (it owns them) and stand by.
     fn step_down(&mut self) {
-        eprintln!("scheduler {}: another scheduler serves; standing by", self.id);
+        tracing::info!("scheduler {}: another scheduler serves; standing by", self.id);
         self.requests.clear();
         self.by_core.clear();
         self.unplaced = FairQueue::default();

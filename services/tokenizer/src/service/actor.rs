@@ -73,7 +73,7 @@ struct TokenizeRequest {
     #[serde(default)]
     prompt: Option<String>,
     #[serde(default)]
-    messages: Option<Vec<pagemesh_shared::protocol::Message>>,
+    messages: Option<Vec<pagemesh_shared::ChatMessage>>,
     #[serde(default)]
     add_special_tokens: Option<bool>,
     #[serde(default)]
@@ -333,7 +333,7 @@ impl StreamHandler<Incoming> for TokenizerService {
         match item {
             Incoming::Generate(msg) => {
                 let Some(reply) = msg.reply.as_ref().map(|r| r.to_string()) else {
-                    eprintln!("tokenizer: a generate request without a reply inbox was dropped");
+                    tracing::warn!("tokenizer: a generate request without a reply inbox was dropped");
                     return;
                 };
                 if let Err(e) = limits::check_reply_subject(&reply) {

@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use crate::{ChatMessage, ChatTemplate, TextTokenizer};
-use pagemesh_shared::protocol::Message;
 
 /// Renders chat messages with the model's template.
 pub struct PromptRenderer {
@@ -17,20 +16,18 @@ impl PromptRenderer {
     }
 
     /// The rendered prompt text.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, String> {
         let template = self.template.as_ref().ok_or_else(|| {
             "this model has no chat template: use `prompt` (completions) instead of `messages`".to_string()
         })?;
-        let messages: Vec<ChatMessage> =
-            messages.iter().map(|m| ChatMessage { role: m.role.clone(), content: m.content.clone() }).collect();
-        template.render(&messages, add_generation_prompt).map_err(|e| e.to_string())
+        template.render(messages, add_generation_prompt).map_err(|e| e.to_string())
     }
 
     /// The rendered prompt's token ids (special tokens come from the template itself).
     pub fn tokenize(
         &self,
         tokenizer: &TextTokenizer,
-        messages: &[Message],
+        messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, String> {
         let text = self.render(messages, add_generation_prompt)?;
