@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod engine_args;
 pub mod error;
 pub mod executor;
+pub mod gguf;
 pub mod gpu;
 pub mod sampling;
 #[cfg(feature = "service")]

@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod gguf_info;
 mod launch;
 mod model_hub;
 mod synth;
@@ -28,6 +29,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Write a Llama model directory with random weights of a named shape.
     SynthModel(synth::SynthArgs),
+    /// Show what a GGUF file holds: version, metadata and tensor table, as JSON.
+    GgufInfo(gguf_info::GgufInfoArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -58,6 +61,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::SynthModel(args) => synth::run(args),
+        Command::GgufInfo(args) => gguf_info::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Serve(args) => launch::serve(args),
         Command::Gateway(args) => launch::gateway(args),
