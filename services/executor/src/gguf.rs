@@ -17,8 +17,9 @@ pub const MAX_DIMS: usize = 4;
 /// Tensor data alignment when `general.alignment` is absent.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 
-/// A metadata value.
-#[derive(Debug, Clone, PartialEq)]
+/// A metadata value (serialized as the plain JSON value it holds).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
 pub enum Value {
     /// `UINT8`.
     U8(u8),

@@ -36,9 +36,8 @@ fn on_cuda() -> bool {
 fn cuda() -> MutexGuard<'static, CudaBackend> {
     static GPU: OnceLock<Mutex<CudaBackend>> = OnceLock::new();
     let gpu = GPU.get_or_init(|| {
-        let lib_dir = std::env::var_os("PAGEMESH_CUDA_LIB_DIR").map(std::path::PathBuf::from);
         let started = std::time::Instant::now();
-        let backend = CudaBackend::new(0, lib_dir.as_deref()).unwrap_or_else(|e| panic!("opening GPU 0: {e}"));
+        let backend = CudaBackend::new(0, None).unwrap_or_else(|e| panic!("opening GPU 0: {e}"));
         eprintln!(
             "GPU 0: {} (kernels compiled in {:.2} s)",
             backend.name().unwrap_or_default(),

@@ -21,22 +21,11 @@ pub struct GgufInfoArgs {
 
 fn to_json(value: &Value) -> serde_json::Value {
     match value {
-        Value::U8(v) => json!(v),
-        Value::I8(v) => json!(v),
-        Value::U16(v) => json!(v),
-        Value::I16(v) => json!(v),
-        Value::U32(v) => json!(v),
-        Value::I32(v) => json!(v),
-        Value::U64(v) => json!(v),
-        Value::I64(v) => json!(v),
-        Value::F32(v) => json!(v),
-        Value::F64(v) => json!(v),
-        Value::Bool(v) => json!(v),
-        Value::Str(v) => json!(v),
         Value::Array(items) => json!({
             "len": items.len(),
             "head": items.iter().take(ARRAY_HEAD).map(to_json).collect::<Vec<_>>(),
         }),
+        scalar => json!(scalar),
     }
 }
 
