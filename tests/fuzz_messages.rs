@@ -43,12 +43,17 @@ fn templates() -> Vec<(&'static str, Value)> {
             "registration",
             json!({"executor_id": "e1", "model": "m", "block_size": 4, "num_device_blocks": 64,
                                 "num_host_blocks": 16, "incarnation": 9,
-                                "protocol_version": pagemesh_shared::protocol::INTERNAL_PROTOCOL_VERSION}),
+                                "protocol_version": pagemesh_shared::protocol::INTERNAL_PROTOCOL_VERSION,
+                                "step_taken": [1, 4], "step_answered": [1, 3]}),
         ),
         ("abort", json!({"request_id": "r1"})),
         ("heartbeat", json!({"id": "d1"})),
         ("scheduler_heartbeat", json!({"id": "s1", "active": true, "term": 4, "started_ms": 17})),
-        ("ack", json!({"request_id": "r1", "next_index": 3, "consumed": [2, 1], "closed": [false, true]})),
+        (
+            "ack",
+            json!({"request_id": "r1", "next_index": 3, "consumed": [2, 1], "closed": [false, true],
+                   "ask": {"detokenizer": "d1", "received": [3, 1]}}),
+        ),
         ("submit_ack", json!({"request_id": "r1"})),
         (
             "event",
@@ -59,7 +64,7 @@ fn templates() -> Vec<(&'static str, Value)> {
         ),
         (
             "event",
-            json!({"term": 2, "events": [{"Tokens": {"request_id": "r1", "tokens": [{"sample_index": 1,
+            json!({"term": 2, "events": [{"Tokens": {"request_id": "r1", "tokens": [{"sample_index": 1, "position": 0,
             "token": {"token": 4, "logprob": -0.5, "top_logprobs": [[4, -0.5]]}, "finish": "length"}]}},
             {"Finish": {"request_id": "r1", "reason": "error", "message": "m"}}]}),
         ),

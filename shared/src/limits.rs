@@ -212,6 +212,12 @@ pub fn check_ack(ack: &DetokenizerAck) -> Result<(), String> {
     if ack.consumed.len() > MAX_N || ack.closed.len() > MAX_N {
         return Err(format!("an ack names at most {MAX_N} samples"));
     }
+    if let Some(ask) = &ack.ask {
+        check_instance_id(&ask.detokenizer)?;
+        if ask.received.as_ref().is_some_and(|r| r.len() > MAX_N) {
+            return Err(format!("an ask names at most {MAX_N} samples"));
+        }
+    }
     Ok(())
 }
 
@@ -318,6 +324,33 @@ mod tests {
     }
 
     #[test]
+    fn acks_and_their_asks_are_bounded() {
+        let ack = DetokenizerAck {
+            request_id: "r1".into(),
+            next_index: 0,
+            consumed: vec![0],
+            closed: vec![false],
+            ask: Some(crate::protocol::StreamAsk { detokenizer: "d1".into(), received: Some(vec![3]) }),
+        };
+        assert_eq!(check_ack(&ack), Ok(()));
+        let unknown = DetokenizerAck {
+            ask: Some(crate::protocol::StreamAsk { detokenizer: "d1".into(), received: None }),
+            ..ack.clone()
+        };
+        assert_eq!(check_ack(&unknown), Ok(()));
+        let many = DetokenizerAck {
+            ask: Some(crate::protocol::StreamAsk { detokenizer: "d1".into(), received: Some(vec![0; MAX_N + 1]) }),
+            ..ack.clone()
+        };
+        assert!(check_ack(&many).unwrap_err().contains("at most"));
+        let subject = DetokenizerAck {
+            ask: Some(crate::protocol::StreamAsk { detokenizer: "d.>".into(), received: None }),
+            ..ack
+        };
+        assert!(check_ack(&subject).unwrap_err().contains("instance ids"));
+    }
+
+    #[test]
     fn registrations_over_the_block_cap_or_with_odd_block_sizes_are_refused() {
         let ok = ExecutorRegistration {
             executor_id: "e1".into(),
@@ -327,6 +360,8 @@ mod tests {
             num_host_blocks: 0,
             incarnation: 7,
             protocol_version: crate::protocol::INTERNAL_PROTOCOL_VERSION,
+            step_taken: None,
+            step_answered: None,
         };
         assert_eq!(check_registration(&ok, 1 << 20), Ok(()));
         let old = ExecutorRegistration { protocol_version: 1, ..ok.clone() };
@@ -364,6 +399,7 @@ mod tests {
                 next_index: 1,
                 consumed: vec![1, 1],
                 closed: vec![false; 2],
+                ask: None,
             },
         };
         assert_eq!(LIMITS.check_stream(&stream), Ok(()));

@@ -171,6 +171,9 @@ pub const INVALID_MESSAGES: &str = "pagemesh_invalid_messages_total";
 /// Step answers a scheduler dropped because they came from an executor's earlier life (one
 /// dropped and registered again, or restarted) or for a step no longer awaited (counter; model).
 pub const STALE_STEP_REPLIES: &str = "pagemesh_stale_step_replies_total";
+/// Streams whose events a scheduler sent a detokenizer again because some were lost on the bus
+/// (counter; model).
+pub const STREAM_RESENDS: &str = "pagemesh_stream_resends_total";
 /// Always 1; labels carry the version and the service (gauge; version, service).
 pub const BUILD_INFO: &str = "pagemesh_build_info";
 
@@ -234,6 +237,7 @@ pub const ALL: &[MetricDef] = &[
         STALE_STEP_REPLIES,
         "Step answers dropped as late: from an executor's earlier life or for a step no longer awaited.",
     ),
+    counter(STREAM_RESENDS, "Times a stream's events were sent to a detokenizer again (some were lost on the bus)."),
     gauge(BUILD_INFO, "Always 1; the labels carry the version and the service."),
 ];
 

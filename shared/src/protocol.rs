@@ -333,11 +333,19 @@ pub struct ExecutorRegistration {
     pub incarnation: u64,
     /// The internal protocol the executor speaks ([`INTERNAL_PROTOCOL_VERSION`]).
     pub protocol_version: u32,
+    /// The newest step it took, as (scheduler session, step number): a scheduler whose step
+    /// was lost on the bus sends it again instead of waiting out the step's deadline.
+    #[serde(default)]
+    pub step_taken: Option<(u64, u64)>,
+    /// The newest step it answered, likewise: a lost answer is asked for again (and given
+    /// again without running the step twice).
+    #[serde(default)]
+    pub step_answered: Option<(u64, u64)>,
 }
 
 /// The version of the internal (scheduler ↔ executor ↔ detokenizer) protocol. A registration
 /// with another version is refused: every service of a mesh must run the same release.
-pub const INTERNAL_PROTOCOL_VERSION: u32 = 2;
+pub const INTERNAL_PROTOCOL_VERSION: u32 = 3;
 
 /// Internal (v1): a heartbeat of an executor or detokenizer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -520,6 +528,20 @@ pub struct DetokenizerAck {
     pub consumed: Vec<usize>,
     /// Per sample, whether its last chunk is out.
     pub closed: Vec<bool>,
+    /// Set when the detokenizer misses events of this stream (lost on the bus, e.g. while it
+    /// was reconnecting): it asks for them again.
+    #[serde(default)]
+    pub ask: Option<StreamAsk>,
+}
+
+/// Internal (v1): a detokenizer's request for the events of a stream it missed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamAsk {
+    /// The detokenizer asking.
+    pub detokenizer: String,
+    /// Per sample, how many tokens it has received (it wants the ones after them, and how the
+    /// sample ended); `None` when it holds no such stream (it wants the opening too).
+    pub received: Option<Vec<u32>>,
 }
 
 /// Internal (v1): one token of one sample.
@@ -527,6 +549,9 @@ pub struct DetokenizerAck {
 pub struct TokenEvent {
     /// Which sample.
     pub sample_index: u32,
+    /// How many tokens of the sample came before this one (for a finish without a token: how
+    /// many came in all). A detokenizer skips events it has had and asks again on a gap.
+    pub position: u32,
     /// The token (absent for a finish without a token, e.g. an abort).
     pub token: Option<SampledToken>,
     /// Set when the sample ends.

@@ -233,6 +233,8 @@ mod tests {
             num_host_blocks: 0,
             incarnation: 3,
             protocol_version: INTERNAL_PROTOCOL_VERSION,
+            step_taken: Some((2, 9)),
+            step_answered: Some((2, 8)),
         };
         assert_eq!(topic.decode(&topic.encode(&registration).unwrap()).unwrap(), registration);
     }

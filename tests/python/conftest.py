@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -118,6 +119,76 @@ class NatsServer:
         self.proc.wait(timeout=10)
 
 
+class LinkCutter:
+    """A TCP relay in front of a nats-server whose links can be cut: the processes that connect
+    through `url` lose their connection on `cut()` and cannot connect again until `restore()`
+    (the relay takes the connection and closes it at once), while everything else on the
+    server carries on: one service reconnecting late, as after a network partition."""
+
+    def __init__(self, nats):
+        self.target = ("127.0.0.1", nats.port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.url = f"nats://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.lock = threading.Lock()
+        self.links = []
+        self.open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                if not self.open:
+                    client.close()
+                    continue
+                try:
+                    server = socket.create_connection(self.target)
+                except OSError:
+                    client.close()
+                    continue
+                self.links += [client, server]
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        with self.lock:
+            self.open = False
+            for s in self.links:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self.links = []
+
+    def restore(self):
+        with self.lock:
+            self.open = True
+
+    def stop(self):
+        self.cut()
+        self.listener.close()
+
+
 class Mesh:
     """A mesh: `pagemesh serve` (gateway, tokenizer, scheduler, detokenizer and optionally
     executors) plus any extra service processes."""
@@ -135,8 +206,11 @@ class Mesh:
                               *serve_args], f"serve-{prefix}")
         wait_for(lambda: http_json(self.base + "/health")[0] == 200, what="gateway")
 
-    def start(self, service, *args):
-        p = Process([service, *self.common, *args], f"{service}-{self.prefix}-{len(self.extra)}")
+    def start(self, service, *args, nats_url=None):
+        """Starts a service process on this mesh (connecting to `nats_url` if given, e.g. a
+        `LinkCutter`'s, else to the mesh's server)."""
+        common = ["--nats-url", nats_url or self.nats.url, "--subject-prefix", self.prefix]
+        p = Process([service, *common, *args], f"{service}-{self.prefix}-{len(self.extra)}")
         self.extra.append(p)
         return p
 

@@ -5,7 +5,7 @@ the NATS server. With no executor, requests wait (bounded) and then fail clearly
 
 import asyncio
 
-from conftest import MODEL, Mesh, wait_for
+from conftest import MODEL, LinkCutter, Mesh, wait_for
 from test_reference import generate_over_nats
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park", "A cat", "",
@@ -94,6 +94,77 @@ def test_killing_the_detokenizer_of_a_stream_loses_nothing(nats):
         assert m.stats()["detokenizers"] == 1
     finally:
         m.stop()
+
+
+def run_with_link_cut(m, proxy, bodies, seconds=0.6):
+    """Runs `bodies` over NATS, half of them started while `proxy`'s links are cut for
+    `seconds` (the other half already streaming); returns every request's chunks."""
+    async def run():
+        first = [asyncio.create_task(generate_over_nats(m.nats.url, m.prefix, b, timeout=120))
+                 for b in bodies[::2]]
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: wait_for(lambda: m.steps() > 20, 30, "requests under way"))
+        proxy.cut()
+        second = [asyncio.create_task(generate_over_nats(m.nats.url, m.prefix, b, timeout=120))
+                  for b in bodies[1::2]]
+        await asyncio.sleep(seconds)
+        proxy.restore()
+        done = await asyncio.gather(*first, *second)
+        half = len(first)
+        out = [None] * len(bodies)
+        out[::2], out[1::2] = done[:half], done[half:]
+        return out
+    return asyncio.run(run())
+
+
+def short_bodies():
+    return [{**b, "max_tokens": 120} for b in bodies()[:12]]
+
+
+def test_a_detokenizer_that_reconnects_late_loses_nothing(nats):
+    # Its events (stream openings, tokens) published while it was away are gone: it must get
+    # them again, and every stream must end with the text of a fault-free run.
+    m = Mesh(nats, "latedetok", serve_args=["--num-detokenizers", "0"])
+    proxy = LinkCutter(nats)
+    try:
+        m.start("detokenizer", "--model", str(MODEL), "--detokenizer-id", "d1", nats_url=proxy.url)
+        wait_for(lambda: m.stats()["detokenizers"] == 1, 30, "the detokenizer")
+        m.wait_ready()
+
+        async def run_all():
+            return await asyncio.gather(*(generate_over_nats(nats.url, m.prefix, b, timeout=120)
+                                          for b in short_bodies()))
+        fault_free = texts(asyncio.run(run_all()))
+        assert m.stats()["stream_resends"] == 0
+        assert texts(run_with_link_cut(m, proxy, short_bodies())) == fault_free
+        wait_for(m.all_blocks_free, timeout=10, what="all blocks free")
+        s = m.stats()
+        assert s["detokenizers"] == 1
+        # Openings sent while it was away were lost: the streams were sent again.
+        assert s["stream_resends"] > 0, s
+    finally:
+        m.stop()
+        proxy.stop()
+
+
+def test_an_executor_that_reconnects_late_loses_nothing(nats):
+    # Step commands or their answers lost while it was away: no request waits for them.
+    m = Mesh(nats, "lateexec", executors_in_process=0)
+    proxy = LinkCutter(nats)
+    try:
+        m.start("executor", "--model", str(MODEL), "--threads", "1", "--executor-id", "e1", nats_url=proxy.url)
+        m.wait_ready()
+
+        async def run_all():
+            return await asyncio.gather(*(generate_over_nats(nats.url, m.prefix, b, timeout=120)
+                                          for b in short_bodies()))
+        fault_free = texts(asyncio.run(run_all()))
+        assert texts(run_with_link_cut(m, proxy, short_bodies())) == fault_free
+        wait_for(m.all_blocks_free, timeout=10, what="all blocks free")
+        assert [e["executor_id"] for e in m.stats()["executors"]] == ["e1"]
+    finally:
+        m.stop()
+        proxy.stop()
 
 
 def test_the_mesh_survives_a_nats_restart():

@@ -9,22 +9,22 @@ import time
 
 import nats as nats_py
 
-from conftest import MODEL, Mesh, NatsServer, Process, free_port, http_json, read_generation, wait_for
-from test_failover import PROMPTS, texts
+from conftest import MODEL, LinkCutter, Mesh, NatsServer, Process, free_port, http_json, read_generation, wait_for
+from test_failover import PROMPTS, run_with_link_cut, short_bodies, texts
+from test_reference import generate_over_nats
 
 
 class ServiceMesh:
     """Every service in its own process (so that each can be killed alone)."""
 
-    def __init__(self, nats, prefix, detokenizers=1, schedulers=1, executor_model=MODEL):
+    def __init__(self, nats, prefix, detokenizers=1, schedulers=1, executor_model=MODEL, scheduler_url=None):
         self.nats, self.prefix = nats, prefix
-        self.common = ["--nats-url", nats.url, "--subject-prefix", prefix]
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.processes = {}
         model = ["--model", str(MODEL)]
         for i in range(schedulers):
-            self.start(f"scheduler{i}", "scheduler", *model, "--heartbeat-timeout-ms", "1500")
+            self.start(f"scheduler{i}", "scheduler", *model, "--heartbeat-timeout-ms", "1500", url=scheduler_url)
         self.start("tokenizer", "tokenizer", *model)
         for i in range(detokenizers):
             self.start(f"detokenizer{i}", "detokenizer", *model, "--detokenizer-id", f"d{i}")
@@ -37,8 +37,13 @@ class ServiceMesh:
             return status == 200 and body["executors"] == 1 and body["detokenizers"] == detokenizers
         wait_for(ready, timeout=60, what="the mesh")
 
-    def start(self, name, service, *args):
-        self.processes[name] = Process([service, *self.common, *args], f"{name}-{self.prefix}")
+    def start(self, name, service, *args, url=None):
+        common = ["--nats-url", url or self.nats.url, "--subject-prefix", self.prefix]
+        self.processes[name] = Process([service, *common, *args], f"{name}-{self.prefix}")
+
+    stats = Mesh.stats
+    steps = Mesh.steps
+    all_blocks_free = Mesh.all_blocks_free
 
     def stop(self):
         for p in self.processes.values():
@@ -224,3 +229,24 @@ def test_a_step_refused_for_one_request_ends_that_request_and_no_other(nats, tmp
         assert texts([r["chunks"] for r in again]) == reference
     finally:
         m.stop()
+
+
+def test_a_scheduler_that_reconnects_late_loses_no_step(nats):
+    # Step answers (and steps) lost while its link was down are sent again: no step waits out
+    # its deadline, so no executor is dropped and no request moves.
+    proxy = LinkCutter(nats)
+    m = ServiceMesh(nats, "latesched", scheduler_url=proxy.url)
+    try:
+        async def run_all():
+            return await asyncio.gather(*(generate_over_nats(nats.url, m.prefix, b, timeout=120)
+                                          for b in short_bodies()))
+        fault_free = texts(asyncio.run(run_all()))
+        for _ in range(3):
+            assert texts(run_with_link_cut(m, proxy, short_bodies())) == fault_free
+        wait_for(m.all_blocks_free, timeout=10, what="all blocks free")
+        s = m.stats()
+        assert [e["executor_id"] for e in s["executors"]] == ["e0"]
+        assert s["migrated_requests"] == 0, s
+    finally:
+        m.stop()
+        proxy.stop()

@@ -11,11 +11,12 @@ use pagemesh_shared::limits::{self, MAX_OPEN_STREAMS};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{
     AbortRequest, Chunk, DetokenizerAck, DetokenizerEvent, ErrorKind, ErrorReply, Heartbeat, OpenRequest, ResumePoint,
-    StreamReport, StreamState, TokenEvent, TokenTexts, Usage,
+    StreamAsk, StreamReport, StreamState, TokenEvent, TokenTexts, Usage,
 };
 use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
 
+use crate::recovery::{self, Arrival, ClosedStreams, UnknownStreams};
 use pagemesh_bus::bus::Bus;
 use pagemesh_bus::listen::{listen, Subscription};
 use pagemesh_bus::refusals::refuse;
@@ -53,6 +54,10 @@ struct RequestStream {
     next_index: u64,
     samples: Vec<SampleStream>,
     max_stop_chars: usize,
+    /// When an event of it last came.
+    last_event: Instant,
+    /// When events it missed were last asked for.
+    last_ask: Option<Instant>,
 }
 
 /// What a batch of events produced for one request.
@@ -83,7 +88,17 @@ impl RequestStream {
             })
             .collect();
         let max_stop_chars = open.stop.iter().map(|s| s.chars().count()).max().unwrap_or(0);
-        Self { open, next_index: 0, samples, max_stop_chars }
+        Self { open, next_index: 0, samples, max_stop_chars, last_event: Instant::now(), last_ask: None }
+    }
+
+    /// Asks for the events after the ones received, if the last ask is `interval` old.
+    fn ask(&mut self, detokenizer: &str, now: Instant, interval: Duration) -> Option<StreamAsk> {
+        if self.last_ask.is_some_and(|at| now.duration_since(at) < interval) {
+            return None;
+        }
+        self.last_ask = Some(now);
+        let received = self.samples.iter().map(|s| s.received.len() as u32).collect();
+        Some(StreamAsk { detokenizer: detokenizer.to_string(), received: Some(received) })
     }
 
     fn done(&self) -> bool {
@@ -103,9 +118,10 @@ impl RequestStream {
     /// chunks covered without publishing, keeping only the text it still held back.
     fn resume(&mut self, tokenizer: &TextTokenizer, point: &ResumePoint) {
         for (i, tokens) in point.consumed.iter().enumerate() {
-            for &token in tokens {
+            for (position, &token) in tokens.iter().enumerate() {
                 let event = TokenEvent {
                     sample_index: i as u32,
+                    position: position as u32,
                     token: Some(SampledToken { token, logprob: None, top_logprobs: Vec::new() }),
                     finish: None,
                 };
@@ -149,6 +165,7 @@ impl RequestStream {
             next_index: self.next_index,
             consumed: self.samples.iter().map(|s| s.tokens).collect(),
             closed: self.samples.iter().map(|s| s.closed).collect(),
+            ask: None,
         }
     }
 
@@ -307,6 +324,10 @@ pub struct DetokenizerService {
     /// The highest scheduler term heard: events of lower terms come from a scheduler that
     /// was replaced, and are dropped.
     term: u64,
+    /// Final acks of streams closed lately.
+    closed: ClosedStreams,
+    /// Streams not held here that tokens came for.
+    unknown: UnknownStreams,
 }
 
 /// Most bytes of streams in one page of a report (well under a NATS message).
@@ -319,7 +340,17 @@ pub const SCHEDULER_GRACE: Duration = Duration::from_secs(5);
 impl DetokenizerService {
     /// A detokenizer with instance id `id` for the model served as `model`.
     pub fn new(bus: Bus, id: String, tokenizer: Arc<TextTokenizer>, model: String) -> Self {
-        Self { bus, id, tokenizer, streams: HashMap::new(), model, last_scheduler: Instant::now(), term: 0 }
+        Self {
+            bus,
+            id,
+            tokenizer,
+            streams: HashMap::new(),
+            model,
+            last_scheduler: Instant::now(),
+            term: 0,
+            closed: ClosedStreams::default(),
+            unknown: UnknownStreams::default(),
+        }
     }
 
     fn finished_counter(&self, reason: FinishReason) -> metrics::Counter {
@@ -349,30 +380,50 @@ impl DetokenizerService {
     }
 
     fn handle_event(&mut self, event: DetokenizerEvent) -> Option<Output> {
+        let now = Instant::now();
         match event {
             DetokenizerEvent::Open(open) => {
+                let further = open.resume.as_ref().map_or(0, |r| r.next_index);
+                if self.streams.get(&open.request_id).is_some_and(|held| held.next_index >= further) {
+                    // Sent again (its first copy arrived after all): the stream here is as
+                    // far. Only a stream that moved away and back resumes further on.
+                    return None;
+                }
                 let resume = open.resume.clone();
                 let mut stream = RequestStream::new(*open);
                 if let Some(point) = &resume {
                     stream.resume(&self.tokenizer, point);
                 }
+                self.unknown.opened(&stream.open.request_id);
                 self.streams.insert(stream.open.request_id.clone(), stream);
                 None
             }
             DetokenizerEvent::Tokens { request_id, tokens } => {
-                let stream = self.streams.get_mut(&request_id)?;
-                let mut abort = false;
+                let Some(stream) = self.streams.get_mut(&request_id) else {
+                    return self.missing_stream(&request_id, now);
+                };
+                stream.last_event = now;
+                let (mut abort, mut gap) = (false, false);
                 for event in tokens {
-                    abort |= stream.apply(&self.tokenizer, event);
+                    let Some(sample) = stream.samples.get(event.sample_index as usize) else { continue };
+                    match recovery::arrival(event.position, sample.received.len(), sample.finished.is_some()) {
+                        Arrival::Next => abort |= stream.apply(&self.tokenizer, event),
+                        Arrival::Repeat => {}
+                        Arrival::Gap => gap = true,
+                    }
                 }
                 let chunks = stream.chunks(false);
                 let done = stream.done();
                 let abort = abort && done;
                 let reply_to = stream.open.reply_to.clone();
-                let ack = stream.ack();
+                let mut ack = stream.ack();
+                if gap && !done {
+                    ack.ask = stream.ask(&self.id, now, recovery::ASK_INTERVAL);
+                }
                 if done {
                     if let Some(stream) = self.streams.remove(&request_id) {
                         self.record_end(&stream);
+                        self.closed.remember(stream.ack());
                     }
                 }
                 Some(Output { reply_to, chunks, abort, ack })
@@ -385,15 +436,64 @@ impl DetokenizerService {
                 self.record_end(&stream);
                 if reason == FinishReason::Error && stream.next_index == 0 {
                     let _ = message;
+                    for s in &mut stream.samples {
+                        s.closed = true;
+                    }
+                    self.closed.remember(stream.ack());
                     return None;
                 }
                 let chunks = stream.chunks(true);
                 for s in &mut stream.samples {
                     s.closed = true;
                 }
+                self.closed.remember(stream.ack());
                 Some(Output { reply_to: stream.open.reply_to.clone(), chunks, abort: false, ack: stream.ack() })
             }
         }
+    }
+
+    /// Tokens of a stream not held here: its final ack again if it closed lately (the first
+    /// was lost), else an ask for the stream (its opening was lost).
+    fn missing_stream(&mut self, request_id: &str, now: Instant) -> Option<Output> {
+        let ack = match self.closed.get(request_id) {
+            Some(ack) => ack.clone(),
+            None if self.unknown.should_ask(request_id, now) => DetokenizerAck {
+                request_id: request_id.to_string(),
+                next_index: 0,
+                consumed: Vec::new(),
+                closed: Vec::new(),
+                ask: Some(StreamAsk { detokenizer: self.id.clone(), received: None }),
+            },
+            None => return None,
+        };
+        Some(Output { reply_to: String::new(), chunks: Vec::new(), abort: false, ack })
+    }
+
+    /// Asks for the events of streams silent for [`recovery::SILENCE_BEFORE_ASKING`]: their
+    /// end may have been lost.
+    fn ask_for_silent_streams(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let mut asks = Vec::new();
+        for stream in self.streams.values_mut() {
+            if now.duration_since(stream.last_event) < recovery::SILENCE_BEFORE_ASKING {
+                continue;
+            }
+            if let Some(ask) = stream.ask(&self.id, now, recovery::SILENCE_BEFORE_ASKING) {
+                asks.push(DetokenizerAck { ask: Some(ask), ..stream.ack() });
+            }
+        }
+        if asks.is_empty() {
+            return;
+        }
+        let bus = self.bus.clone();
+        ctx.spawn(
+            async move {
+                for ack in &asks {
+                    let _ = bus.publish(&bus.subjects.detokenizer_ack(), ack).await;
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 
@@ -411,6 +511,7 @@ impl Actor for DetokenizerService {
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| {
             act.announce(ctx);
             act.watch_scheduler(ctx);
+            act.ask_for_silent_streams(ctx);
         });
         self.announce(ctx);
         // Every series from the start, so that rates are defined before the first request.

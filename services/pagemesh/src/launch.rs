@@ -274,6 +274,8 @@ fn start_executor(
         num_host_blocks: config.num_host_blocks,
         incarnation: rand::random::<u64>(),
         protocol_version: pagemesh_shared::protocol::INTERNAL_PROTOCOL_VERSION,
+        step_taken: None,
+        step_answered: None,
     };
     tracing::info!(
         "executor {} serving {model} on {} ({} device blocks)",

@@ -70,6 +70,9 @@ pub struct ExecutorService {
     session: Option<u64>,
     /// What this executor has been told per sequence in that session.
     mirror: PlanMirror,
+    /// The last step answered (session and answer): asked again (its answer was lost on the
+    /// bus), it is answered again without running.
+    answered: Option<(u64, StepResponse)>,
 }
 
 /// Largest step message put together from parts.
@@ -101,6 +104,7 @@ impl ExecutorService {
             assembler: Assembler::new(MAX_STEP_BYTES),
             session: None,
             mirror: PlanMirror::new(),
+            answered: None,
         }
         .start()
     }
@@ -175,8 +179,35 @@ impl StreamHandler<IncomingStep> for ExecutorService {
         let endpoint = self.bus.subjects.executor_step(&self.registration.executor_id);
         let request = bytes.and_then(|bytes| endpoint.requests().decode(&bytes).map_err(|e| e.to_string()));
         let incarnation = self.registration.incarnation;
+        if let (Ok(request), Some((session, taken))) = (&request, self.registration.step_taken) {
+            let answered = self.registration.step_answered == Some((request.session, request.step));
+            if request.session == session && request.step <= taken && !answered {
+                // Sent again while it runs (its answer is on the way), or an older step sent
+                // again late (its answer is out of date): steps never run twice.
+                return;
+            }
+        }
+        if let (Ok(request), Some((session, answer))) = (&request, &self.answered) {
+            if (request.session, request.step, request.incarnation) == (*session, answer.step, incarnation) {
+                // Asked again: the answer went missing; the step already ran.
+                let (bus, answer) = (self.bus.clone(), answer.clone());
+                ctx.spawn(
+                    async move {
+                        if let Err(e) = bus.respond(&endpoint, reply.to_string(), &answer).await {
+                            tracing::warn!("executor: cannot answer a step: {e}");
+                        }
+                    }
+                    .into_actor(self),
+                );
+                return;
+            }
+        }
+        let session = request.as_ref().map_or(0, |r| r.session);
         let (step, plan) = match request {
-            Ok(request) => (request.step, self.plan_of(request)),
+            Ok(request) => {
+                self.registration.step_taken = Some((request.session, request.step));
+                (request.step, self.plan_of(request))
+            }
             Err(message) => {
                 pagemesh_bus::refusals::refuse("executor", "step", &message);
                 (0, Err(StepReply::Failed(message)))
@@ -195,8 +226,14 @@ impl StreamHandler<IncomingStep> for ExecutorService {
                 if let Err(e) = bus.respond(&endpoint, reply.to_string(), &answer).await {
                     tracing::warn!("executor: cannot answer a step: {e}");
                 }
+                answer
             }
-            .into_actor(self),
+            .into_actor(self)
+            .map(move |answer, act, _| {
+                // Heartbeats from now on say this step was answered.
+                act.registration.step_answered = Some((session, answer.step));
+                act.answered = Some((session, answer));
+            }),
         );
     }
 

@@ -17,17 +17,18 @@ use actix::prelude::*;
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::protocol::{
     AbortRequest, DetokenizerAck, DetokenizerEvent, DetokenizerMessage, ErrorKind, ErrorReply, ExecutorRegistration,
-    Heartbeat, OpenRequest, ResumePoint, SchedulerHeartbeat, StepReply, StepRequest, StepResponse, StreamReport,
-    StreamReportRequest, StreamState, SubmitAck, SubmitRequest, TokenEvent,
+    Heartbeat, OpenRequest, ResumePoint, SchedulerHeartbeat, StepReply, StepRequest, StepResponse, StreamAsk,
+    StreamReport, StreamReportRequest, StreamState, SubmitAck, SubmitRequest, TokenEvent,
 };
+use pagemesh_shared::SeqId;
 use pagemesh_shared::{EngineConfig, FinishReason};
-use pagemesh_shared::{SampledToken, SeqId};
 use serde_json::json;
 
 use super::early_aborts::EarlyAborts;
 use super::fair_queue::FairQueue;
 use super::leadership::{Decision, Leadership, Rank};
 use super::metrics::{ExecutorMetrics, ModelMetrics, RequestTiming};
+use super::stream_sync::{self, ResendClock};
 use pagemesh_bus::bus::{Bus, BusError, OrderedPublisher};
 use pagemesh_bus::listen::{listen, Subscription};
 use pagemesh_bus::refusals::refuse;
@@ -75,6 +76,9 @@ struct ExecutorSlot {
     mirror: PlanMirror,
     /// The requests of the step in flight: a step that fails is blamed on them.
     in_flight_requests: Vec<u64>,
+    /// The step in flight as sent, and when it was last sent: sent again when the executor's
+    /// heartbeats show that the step, or its answer, was lost on the bus.
+    in_flight_request: Option<(StepRequest, Instant)>,
     metrics: ExecutorMetrics,
 }
 
@@ -87,6 +91,11 @@ struct RequestState {
     finished: Vec<Option<FinishReason>>,
     /// How far the detokenizer's published chunks got (from its acks).
     acked: DetokenizerAck,
+    /// When the stream last moved on (an ack that got further, or the end on the executor):
+    /// a finished request whose last ack does not come is sent again.
+    stream_progress: Instant,
+    /// Spaces the times its events are sent again.
+    resends: ResendClock,
     timing: RequestTiming,
 }
 
@@ -136,6 +145,8 @@ impl RequestState {
             generated: stream.generated,
             finished: stream.finished,
             acked: stream.ack,
+            stream_progress: Instant::now(),
+            resends: ResendClock::default(),
             timing: RequestTiming::arrived(),
         }
     }
@@ -170,6 +181,8 @@ pub struct SchedulerService {
     next_step: u64,
     /// Step answers dropped as late so far.
     stale_replies: u64,
+    /// Streams whose events were sent again so far.
+    stream_resends: u64,
     /// Requests moved off lost executors so far.
     migrated: u64,
     /// Aborts that came before their request.
@@ -180,6 +193,8 @@ pub struct SchedulerService {
     leadership: Leadership,
     /// When it started (milliseconds since the Unix epoch).
     started_ms: u64,
+    /// Since when it serves (none while it stands by).
+    serving_since: Option<Instant>,
     metrics: ModelMetrics,
 }
 
@@ -230,6 +245,22 @@ fn decode_abort(
 /// came from, so that it ends only that account's request.
 fn abort_key(owner: Option<&str>, request_id: &str) -> String {
     format!("{}\n{request_id}", owner.unwrap_or_default())
+}
+
+/// How long after taking over a scheduler leaves asks for streams it does not hold alone (they
+/// may still be adopted from the detokenizers' reports).
+const ADOPTION_GRACE: Duration = Duration::from_secs(10);
+
+/// How long after sending a step the executor's heartbeats may show that it has not taken it,
+/// or that its answer went out, before the step (or answer) is taken as lost.
+const STEP_LOST_AFTER: Duration = Duration::from_secs(1);
+
+/// A random first executor-slot generation (the session executors know a scheduler's steps
+/// by): two schedulers (a standby taking over) never share sessions, so an executor never
+/// takes a new scheduler's steps for repeats of the old one's.
+fn first_session() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish() >> 1
 }
 
 /// Most pages of streams one detokenizer may report.
@@ -301,14 +332,16 @@ impl SchedulerService {
             unplaced: FairQueue::default(),
             next_detokenizer: 0,
             lost: HashMap::new(),
-            next_generation: 0,
+            next_generation: first_session(),
             next_step: 0,
             stale_replies: 0,
+            stream_resends: 0,
             migrated: 0,
             early_aborts: EarlyAborts::default(),
             recent_submits: EarlyAborts::default(),
             leadership: Leadership::new(Rank { started_ms, id: id.clone() }, heartbeat_timeout, Instant::now()),
             started_ms,
+            serving_since: None,
             id,
         }
     }
@@ -447,6 +480,7 @@ impl SchedulerService {
             next_index: 0,
             consumed: vec![0; n],
             closed: vec![false; n],
+            ask: None,
         };
         RequestState {
             submit,
@@ -456,6 +490,8 @@ impl SchedulerService {
             generated: vec![Vec::new(); n],
             finished: vec![None; n],
             acked,
+            stream_progress: Instant::now(),
+            resends: ResendClock::default(),
             timing: RequestTiming::arrived(),
         }
     }
@@ -575,6 +611,12 @@ impl SchedulerService {
         }
     }
 
+    /// Counts a stream whose events are sent again.
+    fn count_resend(&mut self) {
+        self.stream_resends += 1;
+        self.metrics.stream_resent();
+    }
+
     /// Counts a step answer dropped as late.
     fn stale_reply(&mut self) {
         self.stale_replies += 1;
@@ -605,19 +647,49 @@ impl SchedulerService {
         }
         slot.in_flight_requests.sort_unstable();
         slot.in_flight_requests.dedup();
+        let request = StepRequest { incarnation, step, session: generation, plan: delta };
+        slot.in_flight_request = Some((request.clone(), now));
+        self.send_step(executor, generation, request, ctx);
+    }
+
+    /// Sends a step to an executor; its answer (or the deadline) comes back as [`StepDone`].
+    fn send_step(&mut self, executor: &str, generation: u64, request: StepRequest, ctx: &mut Context<Self>) {
         let bus = self.bus.clone();
         let endpoint = bus.subjects.executor_step(executor);
         let timeout = self.config.step_timeout;
         let executor = executor.to_string();
+        let step = request.step;
         ctx.spawn(
             async move {
-                let request = StepRequest { incarnation, step, session: generation, plan: delta };
                 let result = bus.request(&endpoint, &request, timeout).await;
                 StepDone { executor, generation, step, result }
             }
             .into_actor(self)
             .map(|done, _, ctx| ctx.notify(done)),
         );
+    }
+
+    /// Sends the step in flight again when the executor's heartbeat shows, [`STEP_LOST_AFTER`]
+    /// after it was sent, that the step or its answer was lost on the bus: it never took the
+    /// step (it runs it now), or it answered and the answer never came (it answers again
+    /// without running it twice).
+    fn resend_lost_step(&mut self, registration: &ExecutorRegistration, ctx: &mut Context<Self>) {
+        let executor = registration.executor_id.as_str();
+        let Some(slot) = self.executors.get_mut(executor) else { return };
+        let generation = slot.generation;
+        let Some((request, sent)) = slot.in_flight_request.as_mut() else { return };
+        let this = (generation, request.step);
+        let not_taken =
+            registration.step_taken.is_none_or(|(session, step)| session != generation || step < request.step);
+        let answered = registration.step_answered == Some(this);
+        if !(not_taken || answered) || sent.elapsed() < STEP_LOST_AFTER {
+            return;
+        }
+        *sent = Instant::now();
+        let request = request.clone();
+        let what = if answered { "its answer" } else { "the step" };
+        tracing::warn!("scheduler: step {} to executor {executor}: {what} was lost; sending it again", request.step);
+        self.send_step(executor, generation, request, ctx);
     }
 
     fn route(&mut self, events: Vec<RequestEvent>) {
@@ -628,6 +700,7 @@ impl SchedulerService {
             let Some(request_id) = self.by_core.get(&event.request_id).cloned() else { continue };
             let Some(state) = self.requests.get_mut(&request_id) else { continue };
             let sample = event.sample_index as usize;
+            let position = state.generated.get(sample).map_or(0, Vec::len) as u32;
             if let (Some(token), Some(generated)) = (&event.token, state.generated.get_mut(sample)) {
                 generated.push(token.token);
             }
@@ -636,7 +709,8 @@ impl SchedulerService {
                     *f = event.finish;
                 }
             }
-            let token_event = TokenEvent { sample_index: event.sample_index, token: event.token, finish: event.finish };
+            let token_event =
+                TokenEvent { sample_index: event.sample_index, position, token: event.token, finish: event.finish };
             match batch_of.get(&event.request_id) {
                 Some(&i) => batches[i].1.push(token_event),
                 None => {
@@ -661,6 +735,7 @@ impl SchedulerService {
                 self.by_core.remove(&core_id);
                 if let Some(state) = self.requests.get_mut(&request_id) {
                     state.executor = None;
+                    state.stream_progress = now;
                 }
                 self.release_if_done(&request_id);
             }
@@ -705,6 +780,7 @@ impl SchedulerService {
         match result {
             Ok(StepReply::Done(output)) => {
                 slot.in_flight = None;
+                slot.in_flight_request = None;
                 let events = slot.core.process_output(&output);
                 slot.metrics.step_done(&slot.core);
                 slot.metrics.generated(output.results.iter().map(|r| r.samples.len()).sum());
@@ -828,18 +904,108 @@ impl SchedulerService {
         }
     }
 
-    fn on_ack(&mut self, ack: DetokenizerAck) {
+    fn on_ack(&mut self, mut ack: DetokenizerAck) {
         let id = ack.request_id.clone();
-        let Some(state) = self.requests.get_mut(&id) else { return };
+        let ask = ack.ask.take();
+        let Some(state) = self.requests.get_mut(&id) else {
+            if let Some(ask) = ask {
+                self.on_ask_for_unknown(&id, &ask);
+            }
+            return;
+        };
         let n = state.submit.params.n;
+        if let Some(StreamAsk { received: None, .. }) = ask {
+            // The detokenizer holds nothing of this stream: open it there again.
+            if state.resends.allow(Instant::now()) {
+                let target = state.detokenizer.clone();
+                self.reopen_stream(&id, &target);
+            }
+            return;
+        }
         if ack.consumed.len() != n || ack.closed.len() != n {
             refuse("scheduler", "detokenizer_ack", &format!("an ack for {id} names the wrong number of samples"));
             return;
         }
         if ack.next_index >= state.acked.next_index {
+            if ack != state.acked {
+                state.stream_progress = Instant::now();
+            }
             state.acked = ack;
         }
+        if let Some(StreamAsk { received: Some(received), .. }) = ask {
+            if state.resends.allow(Instant::now()) {
+                let from: Vec<usize> = received.iter().map(|&r| r as usize).collect();
+                self.resend_tokens(&id, &from);
+            }
+        }
         self.release_if_done(&id);
+    }
+
+    /// A detokenizer asks for a stream this scheduler does not hold: it ended here (its end
+    /// was lost on the way) and the detokenizer is told to end it. Not while streams may still
+    /// be adopted after a takeover.
+    fn on_ask_for_unknown(&mut self, request_id: &str, ask: &StreamAsk) {
+        let adopting = self.serving_since.is_none_or(|since| since.elapsed() < ADOPTION_GRACE);
+        if !self.leadership.is_active() || adopting || ask.received.is_none() {
+            return;
+        }
+        let event = DetokenizerEvent::Finish {
+            request_id: request_id.to_string(),
+            reason: FinishReason::Error,
+            message: Some("the scheduler no longer holds this request".into()),
+            kind: None,
+        };
+        self.send_event(&ask.detokenizer, event);
+    }
+
+    /// Sends a request's detokenizer its tokens after `from` (per sample) again.
+    fn resend_tokens(&mut self, request_id: &str, from: &[usize]) {
+        let Some(state) = self.requests.get(request_id) else { return };
+        let tokens = stream_sync::tokens_after(&state.generated, &state.finished, from);
+        if state.detokenizer.is_empty() || tokens.is_empty() {
+            return;
+        }
+        let target = state.detokenizer.clone();
+        self.count_resend();
+        self.send_event(&target, DetokenizerEvent::Tokens { request_id: request_id.to_string(), tokens });
+    }
+
+    /// Opens a request's stream on `target` from where its published chunks got, with every
+    /// token after them.
+    fn reopen_stream(&mut self, request_id: &str, target: &str) {
+        let Some(state) = self.requests.get_mut(request_id) else { return };
+        state.detokenizer = target.to_string();
+        let open = state.open_request(Some(stream_sync::resume_point(&state.generated, &state.acked)));
+        let tokens = stream_sync::tokens_after(&state.generated, &state.finished, &state.acked.consumed);
+        self.count_resend();
+        self.send_event(target, DetokenizerEvent::Open(Box::new(open)));
+        if !tokens.is_empty() {
+            self.send_event(target, DetokenizerEvent::Tokens { request_id: request_id.to_string(), tokens });
+        }
+    }
+
+    /// Requests done on their executor whose detokenizer has not acknowledged the end for
+    /// [`stream_sync::RESEND_AFTER`]: their last events (or its ack) were lost, so their tokens
+    /// go again (the detokenizer skips what it has, and acknowledges).
+    fn resend_stalled_streams(&mut self, now: Instant) {
+        let stalled: Vec<String> = self
+            .requests
+            .iter()
+            .filter(|(_, s)| {
+                s.executor.is_none()
+                    && s.all_finished()
+                    && !s.detokenizer.is_empty()
+                    && !s.acked.closed.iter().all(|c| *c)
+                    && now.duration_since(s.stream_progress) >= stream_sync::RESEND_AFTER
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stalled {
+            let Some(state) = self.requests.get_mut(&id) else { continue };
+            state.stream_progress = now;
+            let from = state.acked.consumed.clone();
+            self.resend_tokens(&id, &from);
+        }
     }
 
     /// Forgets a request once the executor is done with it and its last chunk is out.
@@ -868,37 +1034,8 @@ impl SchedulerService {
                 continue;
             }
             let Some(target) = self.pick_detokenizer() else { continue };
-            let Some(state) = self.requests.get_mut(&id) else { continue };
-            state.detokenizer = target.clone();
-            let acked = &state.acked;
-            let consumed: Vec<Vec<u32>> =
-                state.generated.iter().zip(&acked.consumed).map(|(g, &n)| g[..n.min(g.len())].to_vec()).collect();
-            let open = state.open_request(Some(ResumePoint {
-                next_index: acked.next_index,
-                consumed,
-                closed: acked.closed.clone(),
-            }));
-            let mut tokens = Vec::new();
-            for (i, generated) in state.generated.iter().enumerate() {
-                let from = acked.consumed.get(i).copied().unwrap_or(0).min(generated.len());
-                let rest = &generated[from..];
-                for (k, &token) in rest.iter().enumerate() {
-                    let last = k + 1 == rest.len();
-                    tokens.push(TokenEvent {
-                        sample_index: i as u32,
-                        token: Some(SampledToken { token, logprob: None, top_logprobs: Vec::new() }),
-                        finish: if last { state.finished[i] } else { None },
-                    });
-                }
-                if rest.is_empty() && state.finished[i].is_some() && !acked.closed.get(i).copied().unwrap_or(false) {
-                    tokens.push(TokenEvent { sample_index: i as u32, token: None, finish: state.finished[i] });
-                }
-            }
             tracing::info!(request_id = %id, "scheduler: stream of {id} moves to detokenizer {target}");
-            self.send_event(&target, DetokenizerEvent::Open(Box::new(open)));
-            if !tokens.is_empty() {
-                self.send_event(&target, DetokenizerEvent::Tokens { request_id: id, tokens });
-            }
+            self.reopen_stream(&id, &target);
         }
     }
 
@@ -914,6 +1051,7 @@ impl SchedulerService {
         match self.executors.get_mut(&registration.executor_id) {
             Some(slot) if slot.registration.incarnation == registration.incarnation => {
                 slot.last_seen = now;
+                self.resend_lost_step(&registration, ctx);
                 return;
             }
             Some(_) => {
@@ -956,6 +1094,7 @@ impl SchedulerService {
             in_flight: None,
             mirror: PlanMirror::new(),
             in_flight_requests: Vec::new(),
+            in_flight_request: None,
             metrics: ExecutorMetrics::new(&self.config.model, &registration.executor_id),
             registration: registration.clone(),
         };
@@ -994,6 +1133,7 @@ impl SchedulerService {
         }
         let quarantine = 2 * timeout;
         self.lost.retain(|_, (at, _)| now - *at < quarantine);
+        self.resend_stalled_streams(now);
         let gone: Vec<String> = self
             .detokenizers
             .iter()
@@ -1028,6 +1168,7 @@ impl SchedulerService {
     /// request moved off a lost executor). Executors register on their next heartbeat.
     fn take_over(&mut self, term: u64, ctx: &mut Context<Self>) {
         tracing::info!("scheduler {}: serving (term {term})", self.id);
+        self.serving_since = Some(Instant::now());
         self.announce();
         for detokenizer in self.detokenizers.keys().cloned().collect::<Vec<_>>() {
             let (bus, limits) = (self.bus.clone(), self.config.limits);
@@ -1116,7 +1257,7 @@ impl SchedulerService {
         json!({"model": self.config.model, "scheduler": self.id, "term": self.leadership.term(),
                "executors": executors, "detokenizers": self.detokenizers.len(),
                "requests": self.requests.len(), "unplaced": self.unplaced.len(), "migrated_requests": self.migrated,
-               "stale_step_replies": self.stale_replies, "steps_sent_in_parts": self.bus.split_requests()})
+               "stale_step_replies": self.stale_replies, "stream_resends": self.stream_resends, "steps_sent_in_parts": self.bus.split_requests()})
     }
 }
 

@@ -169,6 +169,7 @@ pub struct ModelMetrics {
     rejected: Counter,
     executors_lost: Counter,
     stale_step_replies: Counter,
+    stream_resends: Counter,
     executors: Gauge,
     detokenizers: Gauge,
     unplaced: Gauge,
@@ -194,6 +195,8 @@ impl ModelMetrics {
         }
         let stale_step_replies = metrics::counter!(names::STALE_STEP_REPLIES, &l());
         stale_step_replies.absolute(0);
+        let stream_resends = metrics::counter!(names::STREAM_RESENDS, &l());
+        stream_resends.absolute(0);
         Self {
             model: model.to_string(),
             received: metrics::counter!(names::REQUESTS_RECEIVED, &l()),
@@ -201,6 +204,7 @@ impl ModelMetrics {
             rejected: metrics::counter!(names::REQUESTS_REJECTED, &l()),
             executors_lost: metrics::counter!(names::EXECUTORS_LOST, &l()),
             stale_step_replies,
+            stream_resends,
             executors: metrics::gauge!(names::EXECUTORS, &l()),
             detokenizers: metrics::gauge!(names::DETOKENIZERS, &l()),
             unplaced: metrics::gauge!(names::REQUESTS_UNPLACED, &l()),
@@ -243,6 +247,11 @@ impl ModelMetrics {
     /// A step answer came too late (from an earlier slot or incarnation) and was dropped.
     pub fn stale_step_reply(&self) {
         self.stale_step_replies.increment(1);
+    }
+
+    /// A stream's events were sent to its detokenizer again.
+    pub fn stream_resent(&self) {
+        self.stream_resends.increment(1);
     }
 
     /// Registered executors and detokenizers, and requests with nowhere to run.
