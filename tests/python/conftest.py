@@ -8,6 +8,7 @@ temporary folder, removed when every test passed and named at the end otherwise.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("PAGEMESH_BIN", ROOT / "target" / "debug" / "pagemesh"))
 MODEL = Path(os.environ.get("PAGEMESH_TEST_MODEL", ROOT.parent / "shared" / "models" / "stories260K"))
+# The internal protocol version, for tests that speak it as a fake service.
+INTERNAL_PROTOCOL_VERSION = int(re.search(r"INTERNAL_PROTOCOL_VERSION: u32 = (\d+);",
+                                          (ROOT / "shared" / "src" / "protocol.rs").read_text()).group(1))
 # Every process's output, kept only when a test fails.
 LOGS = Path(tempfile.mkdtemp(prefix="pagemesh-test-logs-"))
 

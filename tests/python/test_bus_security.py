@@ -20,7 +20,8 @@ import msgpack
 import nats as nats_py
 import pytest
 
-from conftest import BIN, MODEL, Mesh, Process, free_port, http_json, read_generation, wait_for
+from conftest import (BIN, INTERNAL_PROTOCOL_VERSION, MODEL, Mesh, Process, free_port, http_json, read_generation,
+                      wait_for)
 
 PREFIX = "sec"
 
@@ -253,7 +254,8 @@ def test_hostile_messages_from_service_users_are_refused_with_errors(bus, secure
                          {"executor_id": "zero", "model": "stories260K", "block_size": 0,
                           "num_device_blocks": 8, "num_host_blocks": 0}]:
                 await executor.publish(f"{PREFIX}.v1.executor.heartbeat",
-                                       msgpack.packb({**beat, "incarnation": 1, "protocol_version": 2}))
+                                       msgpack.packb({**beat, "incarnation": 1,
+                                                      "protocol_version": INTERNAL_PROTOCOL_VERSION}))
             await detokenizer.publish(f"{PREFIX}.v1.detokenizer.heartbeat", msgpack.packb({"id": "*"}))
             # 1 MB abort ids, many of them: refused before anything is remembered.
             for _ in range(30):

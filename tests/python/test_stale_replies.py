@@ -9,16 +9,17 @@ import asyncio
 import msgpack
 import nats as nats_py
 
-from conftest import MODEL, Mesh, read_generation, wait_for
+from conftest import INTERNAL_PROTOCOL_VERSION, MODEL, Mesh, read_generation, wait_for
 
-# The internal protocol version the fake executor speaks (shared/src/protocol.rs).
-PROTOCOL_VERSION = 2
 INCARNATION = 77
 
 
-def registration():
+def registration(taken):
+    # `taken`: the newest step taken, as [session, step]: the scheduler sends a step again
+    # when an executor's heartbeats show it never took it.
     return {"executor_id": "fake", "model": MODEL.name, "block_size": 16, "num_device_blocks": 64,
-            "num_host_blocks": 64, "incarnation": INCARNATION, "protocol_version": PROTOCOL_VERSION}
+            "num_host_blocks": 64, "incarnation": INCARNATION, "protocol_version": INTERNAL_PROTOCOL_VERSION,
+            "step_taken": taken}
 
 
 def answer(step_msg, message):
@@ -30,8 +31,11 @@ def answer(step_msg, message):
 async def scenario(m, prefix):
     nc = await nats_py.connect(m.nats.url)
     steps = asyncio.Queue()
+    taken = [None]
 
     async def on_step(msg):
+        _, step, session, _ = msgpack.unpackb(msg.data)
+        taken[0] = [session, step]
         steps.put_nowait(msg)
     await nc.subscribe(f"{prefix}.v1.executor.fake.step", cb=on_step)
     beating = asyncio.Event()
@@ -40,7 +44,7 @@ async def scenario(m, prefix):
     async def beat():
         while True:
             await beating.wait()
-            await nc.publish(f"{prefix}.v1.executor.heartbeat", msgpack.packb(registration()))
+            await nc.publish(f"{prefix}.v1.executor.heartbeat", msgpack.packb(registration(taken[0])))
             await asyncio.sleep(0.2)
     beater = asyncio.create_task(beat())
     loop = asyncio.get_running_loop()
