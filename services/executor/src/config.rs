@@ -126,8 +126,14 @@ fn required(value: Option<usize>, name: &str) -> Result<usize> {
 }
 
 impl ModelConfig {
-    /// Reads `config.json` from a model directory.
+    /// Reads `config.json` from a model directory, or the metadata of the GGUF file the path
+    /// names ([`crate::gguf_weights::model_file`]).
     pub fn load(model_dir: &Path) -> Result<Self> {
+        if let Some(file) = crate::gguf_weights::model_file(model_dir) {
+            let header = crate::gguf::GgufFile::open(&file)?.header;
+            let config = header.hf_config().map_err(|e| ExecutorError::Config(format!("{}: {e}", file.display())))?;
+            return Self::parse(&config.to_string());
+        }
         let path = model_dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .map_err(|source| ExecutorError::Io { path: path.display().to_string(), source })?;

@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use memmap2::Mmap;
 
 use crate::error::{ExecutorError, Result};
@@ -171,7 +173,7 @@ pub struct Header {
 pub struct GgufFile {
     /// The parsed header.
     pub header: Header,
-    map: Mmap,
+    map: Arc<Mmap>,
 }
 
 impl GgufFile {
@@ -184,12 +186,17 @@ impl GgufFile {
         let map = unsafe { Mmap::map(&file) }
             .map_err(|e| ExecutorError::Config(format!("cannot map {}: {e}", path.display())))?;
         let header = parse(&map).map_err(|e| ExecutorError::Config(format!("{}: {e}", path.display())))?;
-        Ok(Self { header, map })
+        Ok(Self { header, map: Arc::new(map) })
     }
 
     /// The bytes of tensor `info` (its offset and size were checked against the file).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.map[info.offset as usize..(info.offset + info.bytes) as usize]
+    }
+
+    /// The whole file's mapping (tensors are read in place from it).
+    pub fn map(&self) -> &Arc<Mmap> {
+        &self.map
     }
 
     /// The tensor named `name`.
@@ -449,24 +456,24 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Header, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A small GGUF writer for the tests.
     #[derive(Default)]
-    struct Writer {
+    pub(crate) struct Writer {
         kv: Vec<u8>,
         kv_count: u64,
         tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
     }
 
-    fn string(out: &mut Vec<u8>, s: &str) {
+    pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
         out.extend((s.len() as u64).to_le_bytes());
         out.extend(s.as_bytes());
     }
 
     impl Writer {
-        fn kv(&mut self, key: &str, kind: u32, value: &[u8]) -> &mut Self {
+        pub(crate) fn kv(&mut self, key: &str, kind: u32, value: &[u8]) -> &mut Self {
             string(&mut self.kv, key);
             self.kv.extend(kind.to_le_bytes());
             self.kv.extend(value);
@@ -474,12 +481,12 @@ mod tests {
             self
         }
 
-        fn tensor(&mut self, name: &str, dims: &[u64], code: u32, data: Vec<u8>) -> &mut Self {
+        pub(crate) fn tensor(&mut self, name: &str, dims: &[u64], code: u32, data: Vec<u8>) -> &mut Self {
             self.tensors.push((name.into(), dims.to_vec(), code, data));
             self
         }
 
-        fn bytes(&self) -> Vec<u8> {
+        pub(crate) fn bytes(&self) -> Vec<u8> {
             let mut out = b"GGUF".to_vec();
             out.extend(3u32.to_le_bytes());
             out.extend((self.tensors.len() as u64).to_le_bytes());

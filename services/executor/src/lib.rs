@@ -12,7 +12,9 @@ pub mod engine_args;
 pub mod error;
 pub mod executor;
 pub mod gguf;
+pub mod gguf_weights;
 pub mod gpu;
+pub mod quant;
 pub mod sampling;
 #[cfg(feature = "service")]
 pub mod service;

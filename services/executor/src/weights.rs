@@ -2,7 +2,8 @@
 //!
 //! Tensors are read in place from the mapping when their bytes are aligned for their element
 //! type (the usual case), so weights are not copied; a dtype conversion asked for at load time
-//! makes one owned copy.
+//! makes one owned copy. Quantized matrices ([`QuantData`], GGUF's block formats) stay in their
+//! blocks and are widened a row at a time where they are used.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,6 +14,8 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ExecutorError, Result};
+use crate::quant::dequant::dequantize_row;
+use crate::quant::QuantKind;
 
 /// Element types of weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +80,17 @@ impl<T: bytemuck::Pod> Buffer<T> {
     }
 }
 
+/// Elements in one of ggml's block formats: whole blocks, rows back to back.
+#[derive(Clone)]
+pub struct QuantData {
+    /// The block format.
+    pub kind: QuantKind,
+    /// The blocks.
+    pub bytes: Buffer<u8>,
+    /// Elements they hold.
+    pub elements: usize,
+}
+
 /// A tensor's elements in their stored type.
 #[derive(Clone)]
 pub enum TensorData {
@@ -86,15 +100,28 @@ pub enum TensorData {
     F16(Buffer<f16>),
     /// bf16 elements.
     BF16(Buffer<bf16>),
+    /// Quantized blocks.
+    Quantized(QuantData),
 }
 
 impl TensorData {
-    /// The element type.
-    pub fn dtype(&self) -> WeightDtype {
+    /// The storage format.
+    pub fn format(&self) -> QuantKind {
         match self {
-            Self::F32(_) => WeightDtype::F32,
-            Self::F16(_) => WeightDtype::F16,
-            Self::BF16(_) => WeightDtype::BF16,
+            Self::F32(_) => QuantKind::F32,
+            Self::F16(_) => QuantKind::F16,
+            Self::BF16(_) => QuantKind::BF16,
+            Self::Quantized(q) => q.kind,
+        }
+    }
+
+    /// The element type, for unquantized data.
+    pub fn dtype(&self) -> Option<WeightDtype> {
+        match self {
+            Self::F32(_) => Some(WeightDtype::F32),
+            Self::F16(_) => Some(WeightDtype::F16),
+            Self::BF16(_) => Some(WeightDtype::BF16),
+            Self::Quantized(_) => None,
         }
     }
 
@@ -104,6 +131,7 @@ impl TensorData {
             Self::F32(b) => b.as_slice().len(),
             Self::F16(b) => b.as_slice().len(),
             Self::BF16(b) => b.as_slice().len(),
+            Self::Quantized(q) => q.elements,
         }
     }
 
@@ -118,12 +146,17 @@ impl TensorData {
             Self::F32(b) => b.as_slice().to_vec(),
             Self::F16(b) => b.as_slice().iter().map(|v| v.to_f32()).collect(),
             Self::BF16(b) => b.as_slice().iter().map(|v| v.to_f32()).collect(),
+            Self::Quantized(q) => {
+                let mut out = vec![0.0; q.elements];
+                dequantize_row(q.kind, q.bytes.as_slice(), &mut out);
+                out
+            }
         }
     }
 
     /// The same values in another element type (no copy when it already is that type).
     pub fn convert(self, dtype: WeightDtype) -> Self {
-        if self.dtype() == dtype {
+        if self.dtype() == Some(dtype) {
             return self;
         }
         let values = self.to_f32();
@@ -151,6 +184,10 @@ impl TensorData {
                     *o = v.to_f32();
                 }
             }
+            Self::Quantized(q) => {
+                let row_bytes = q.kind.row_bytes(width).unwrap_or(0);
+                dequantize_row(q.kind, &q.bytes.as_slice()[row * row_bytes..(row + 1) * row_bytes], out);
+            }
         }
     }
 }
@@ -167,12 +204,30 @@ pub struct Tensor {
 struct Location {
     file: usize,
     offset: usize,
-    len: usize,
-    dtype: WeightDtype,
+    /// Bytes of data.
+    bytes: usize,
+    format: QuantKind,
     shape: Vec<usize>,
+    /// Heads whose rows are RoPE-interleaved (query/key tensors of Llama GGUF files).
+    rope_heads: Option<usize>,
 }
 
-/// Every tensor of a model directory's safetensors file(s), by name.
+/// Where a GGUF tensor lies in its file, and what it holds.
+pub struct GgufTensor {
+    /// Byte offset from the start of the file.
+    pub offset: usize,
+    /// Bytes of data.
+    pub bytes: usize,
+    /// The element format.
+    pub kind: QuantKind,
+    /// Dimensions, outermost first (Hugging Face order).
+    pub shape: Vec<usize>,
+    /// Heads whose rows are RoPE-interleaved, to be put back in Hugging Face order.
+    pub rope_heads: Option<usize>,
+}
+
+/// Every tensor of a model's weights file(s), by name: a directory's safetensors file(s), or a
+/// GGUF file ([`crate::gguf_weights`]).
 pub struct WeightStore {
     maps: Vec<Arc<Mmap>>,
     tensors: HashMap<String, Location>,
@@ -183,8 +238,12 @@ fn read_error(path: &Path, source: std::io::Error) -> ExecutorError {
 }
 
 impl WeightStore {
-    /// Maps `model.safetensors`, or every shard named by `model.safetensors.index.json`.
+    /// Maps `model.safetensors`, or every shard named by `model.safetensors.index.json`, or the
+    /// GGUF file `model_dir` names ([`crate::gguf_weights::model_file`]).
     pub fn open(model_dir: &Path) -> Result<Self> {
+        if let Some(file) = crate::gguf_weights::model_file(model_dir) {
+            return Self::open_gguf(&file);
+        }
         let index = model_dir.join("model.safetensors.index.json");
         let files: Vec<std::path::PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| read_error(&index, e))?;
@@ -208,7 +267,7 @@ impl WeightStore {
             }
             vec![single]
         };
-        let mut store = Self { maps: Vec::new(), tensors: HashMap::new() };
+        let mut store = Self::empty();
         for path in files {
             store.add_file(&path)?;
         }
@@ -239,13 +298,50 @@ impl WeightStore {
             if end - begin != count * dtype.size() {
                 return Err(ExecutorError::Weights(format!("tensor {name}: byte size does not match its shape")));
             }
+            let format = match dtype {
+                WeightDtype::F32 => QuantKind::F32,
+                WeightDtype::F16 => QuantKind::F16,
+                WeightDtype::BF16 => QuantKind::BF16,
+            };
             self.tensors.insert(
                 name,
-                Location { file: file_index, offset: data_start + begin, len: count, dtype, shape: info.shape.clone() },
+                Location {
+                    file: file_index,
+                    offset: data_start + begin,
+                    bytes: end - begin,
+                    format,
+                    shape: info.shape.clone(),
+                    rope_heads: None,
+                },
             );
         }
         self.maps.push(Arc::new(map));
         Ok(())
+    }
+
+    /// A store with no tensors.
+    pub fn empty() -> Self {
+        Self { maps: Vec::new(), tensors: HashMap::new() }
+    }
+
+    /// Keeps a file mapping alive for tensors read from it; returns its index.
+    pub fn add_map(&mut self, map: Arc<Mmap>) -> usize {
+        self.maps.push(map);
+        self.maps.len() - 1
+    }
+
+    /// Adds a tensor of a GGUF file mapped with [`add_map`](Self::add_map) (its offset and size
+    /// were checked against the file).
+    pub fn insert_gguf(&mut self, name: String, map: usize, t: GgufTensor) {
+        let location = Location {
+            file: map,
+            offset: t.offset,
+            bytes: t.bytes,
+            format: t.kind,
+            shape: t.shape,
+            rope_heads: t.rope_heads,
+        };
+        self.tensors.insert(name, location);
     }
 
     /// Whether a tensor exists.
@@ -255,7 +351,17 @@ impl WeightStore {
 
     /// The stored dtype of a tensor.
     pub fn dtype_of(&self, name: &str) -> Option<WeightDtype> {
-        self.tensors.get(name).map(|l| l.dtype)
+        self.tensors.get(name).and_then(|l| match l.format {
+            QuantKind::F32 => Some(WeightDtype::F32),
+            QuantKind::F16 => Some(WeightDtype::F16),
+            QuantKind::BF16 => Some(WeightDtype::BF16),
+            _ => None,
+        })
+    }
+
+    /// The stored format of a tensor.
+    pub fn format_of(&self, name: &str) -> Option<QuantKind> {
+        self.tensors.get(name).map(|l| l.format)
     }
 
     /// A tensor with the expected shape, or an error naming what is wrong.
@@ -267,11 +373,43 @@ impl WeightStore {
                 loc.shape, expected_shape
             )));
         }
+        let (rows, width) = match loc.shape[..] {
+            [rows, width] => (rows, width),
+            [width] => (1, width),
+            _ => (1, loc.shape.iter().product()),
+        };
+        let fits = loc.format.row_bytes(width).ok().and_then(|b| b.checked_mul(rows)) == Some(loc.bytes);
+        if !fits {
+            return Err(ExecutorError::Weights(format!(
+                "tensor {name}: {} bytes do not hold shape {:?} in {}",
+                loc.bytes,
+                loc.shape,
+                loc.format.name()
+            )));
+        }
         let map = &self.maps[loc.file];
-        let data = match loc.dtype {
-            WeightDtype::F32 => TensorData::F32(buffer(map, loc.offset, loc.len)),
-            WeightDtype::F16 => TensorData::F16(buffer(map, loc.offset, loc.len)),
-            WeightDtype::BF16 => TensorData::BF16(buffer(map, loc.offset, loc.len)),
+        let stored = &map[loc.offset..loc.offset + loc.bytes];
+        let owned = match loc.rope_heads {
+            Some(heads) => Some(
+                crate::gguf_weights::unpermute_rows(stored, loc.shape[0], heads)
+                    .map_err(|e| ExecutorError::Weights(format!("tensor {name}: {e}")))?,
+            ),
+            None => None,
+        };
+        let elements = rows * width;
+        let data = match (loc.format, owned) {
+            (QuantKind::F32, None) => TensorData::F32(buffer(map, loc.offset, elements)),
+            (QuantKind::F16, None) => TensorData::F16(buffer(map, loc.offset, elements)),
+            (QuantKind::BF16, None) => TensorData::BF16(buffer(map, loc.offset, elements)),
+            (QuantKind::F32, Some(b)) => TensorData::F32(Buffer::Owned(Arc::new(bytemuck::pod_collect_to_vec(&b)))),
+            (QuantKind::F16, Some(b)) => TensorData::F16(Buffer::Owned(Arc::new(bytemuck::pod_collect_to_vec(&b)))),
+            (QuantKind::BF16, Some(b)) => TensorData::BF16(Buffer::Owned(Arc::new(bytemuck::pod_collect_to_vec(&b)))),
+            (kind, None) => TensorData::Quantized(QuantData {
+                kind,
+                bytes: Buffer::Mapped { map: map.clone(), offset: loc.offset, len: loc.bytes },
+                elements,
+            }),
+            (kind, Some(b)) => TensorData::Quantized(QuantData { kind, bytes: Buffer::Owned(Arc::new(b)), elements }),
         };
         Ok(Tensor { shape: loc.shape.clone(), data })
     }

@@ -1,10 +1,12 @@
-//! Dense layers `y = x · Wᵀ (+ b)` with `W` stored `[out, in]` in f32, f16 or bf16.
+//! Dense layers `y = x · Wᵀ (+ b)` with `W` stored `[out, in]` in f32, f16, bf16 or one of
+//! GGUF's quantized block formats.
 //!
 //! Two paths, both multi-threaded over output rows with rayon and accumulating in f32:
 //! * few tokens (decode): a bandwidth-bound kernel that streams each weight row once and
-//!   dots it with every token's activations;
-//! * many tokens (prefill): the `gemm` crate's f32 GEMM, fed f16/bf16 weights converted to
-//!   f32 one row panel at a time.
+//!   dots it with every token's activations (a quantized row is widened to f32 first, in a
+//!   scratch row of the task's own);
+//! * many tokens (prefill): the `gemm` crate's f32 GEMM, fed f16/bf16/quantized weights
+//!   converted to f32 one row panel at a time.
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -83,6 +85,13 @@ impl Linear {
                 b.as_slice()[range].convert_to_f32_slice(scratch);
                 scratch
             }
+            TensorData::Quantized(_) => {
+                scratch.resize(range.len(), 0.0);
+                for (i, row) in rows.enumerate() {
+                    self.weight.row_to_f32(row, k, &mut scratch[i * k..(i + 1) * k]);
+                }
+                scratch
+            }
         }
     }
 
@@ -93,6 +102,7 @@ impl Linear {
             TensorData::F32(b) => RowsRef::F32(b.as_slice()),
             TensorData::F16(b) => RowsRef::F16(b.as_slice()),
             TensorData::BF16(b) => RowsRef::BF16(b.as_slice()),
+            TensorData::Quantized(_) => return self.forward_few_quantized(x, tokens, y),
         };
         let isa = isa();
         let tasks = n.div_ceil(GEMV_ROWS_PER_TASK);
@@ -125,6 +135,34 @@ impl Linear {
                         }
                     }
                     o += block;
+                }
+            }
+        });
+    }
+
+    /// The few-token path for quantized weights: each row is widened once into the task's
+    /// scratch row, then dotted with every token by the f32 kernel.
+    fn forward_few_quantized(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        let (n, k) = (self.out_features, self.in_features);
+        let out = SharedOut(y.as_mut_ptr());
+        let isa = isa();
+        let tasks = n.div_ceil(GEMV_ROWS_PER_TASK);
+        (0..tasks).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
+            scratch.resize(k, 0.0);
+            let panel = task * GEMV_ROWS_PER_TASK..((task + 1) * GEMV_ROWS_PER_TASK).min(n);
+            for o in panel {
+                self.weight.row_to_f32(o, k, scratch);
+                for t in (0..tokens).step_by(4) {
+                    let used = (tokens - t).min(4);
+                    let xs: [&[f32]; 4] = std::array::from_fn(|j| {
+                        let tj = (t + j).min(tokens - 1);
+                        &x[tj * k..(tj + 1) * k]
+                    });
+                    let d = row_dot4(RowsRef::F32(scratch), 0, k, xs, used, isa);
+                    for (j, v) in d.iter().take(used).enumerate() {
+                        // SAFETY: (t + j, o) is inside y and written by this task only.
+                        unsafe { *out.ptr().add((t + j) * n + o) = *v };
+                    }
                 }
             }
         });
@@ -171,7 +209,9 @@ impl Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weights::{Buffer, WeightDtype};
+    use crate::quant::test_blocks::random_blocks;
+    use crate::quant::QuantKind;
+    use crate::weights::{Buffer, QuantData, WeightDtype};
     use std::sync::Arc;
 
     fn reference(w: &[f32], x: &[f32], n: usize, k: usize, t: usize) -> Vec<f32> {
@@ -186,6 +226,29 @@ mod tests {
 
     fn pseudo(len: usize, seed: u32) -> Vec<f32> {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn both_paths_match_a_reference_in_every_block_format() {
+        let (n, k) = (37, 512);
+        for kind in QuantKind::ALL.into_iter().filter(|k| k.block_elements() > 1) {
+            let blocks = n * k / kind.block_elements();
+            let bytes = random_blocks(kind, blocks, kind.block_bytes() as u64);
+            let data =
+                TensorData::Quantized(QuantData { kind, bytes: Buffer::Owned(Arc::new(bytes)), elements: n * k });
+            let widened = data.to_f32();
+            let lin = Linear { out_features: n, in_features: k, weight: data, bias: None };
+            for t in [1, 2, 5, 48, 50] {
+                let x = pseudo(t * k, 11);
+                let mut y = vec![f32::NAN; t * n];
+                lin.forward(&x, t, &mut y);
+                let expect = reference(&widened, &x, n, k, t);
+                let scale = expect.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                for (a, b) in y.iter().zip(&expect) {
+                    assert!((a - b).abs() <= 1e-5 * scale, "{} t={t}: {a} vs {b}", kind.name());
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use super::linear::Linear;
 use super::ops::{rms_norm, silu_mul, RopeTable};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::quant::QuantKind;
 use crate::weights::{TensorData, WeightDtype, WeightStore};
 
 struct Layer {
@@ -33,7 +34,7 @@ pub struct LlamaModel {
     norm: Vec<f32>,
     lm_head: Linear,
     rope: RopeTable,
-    dtype: WeightDtype,
+    format: QuantKind,
 }
 
 /// One forward pass's input: a flat batch of rows from several sequences.
@@ -111,14 +112,14 @@ impl LlamaModel {
         } else {
             loader.linear("lm_head", c.vocab_size, d, false)?
         };
-        let dtype = lm_head.weight.dtype();
+        let format = lm_head.weight.format();
         let rope = RopeTable::new(c, c.max_model_len());
-        Ok(Self { config, embed, layers, norm, lm_head, rope, dtype })
+        Ok(Self { config, embed, layers, norm, lm_head, rope, format })
     }
 
-    /// The weights' element type (of the output projection).
-    pub fn dtype(&self) -> WeightDtype {
-        self.dtype
+    /// The weights' storage format (of the output projection).
+    pub fn format(&self) -> QuantKind {
+        self.format
     }
 
     /// Runs the batch through the model, writing every row's K/V into `cache`, and returns the
