@@ -167,25 +167,30 @@ def reference_greedy(path, prompts, steps):
     def norm(x, weight):
         return x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps).astype(np.float32) * weight
 
-    def rope(x, n_heads):  # x: [seq, n_heads * hd], pairs (2i, 2i+1) rotated by pos * base^(-2i/hd)
+    def rope(x, n_heads, start):  # x: [seq, n_heads * hd] at positions start..; pairs (2i, 2i+1)
         seq = x.shape[0]
         x = x.reshape(seq, n_heads, hd // 2, 2)
-        theta = np.arange(seq)[:, None] * base ** (-np.arange(0, hd, 2) / hd)
+        theta = (start + np.arange(seq))[:, None] * base ** (-np.arange(0, hd, 2) / hd)
         cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
         out = np.stack([x[..., 0] * cos - x[..., 1] * sin, x[..., 0] * sin + x[..., 1] * cos], -1)
         return out.reshape(seq, n_heads * hd).astype(np.float32)
 
-    def logits(ids):
+    def logits(ids, cache):
+        """Logits after `ids`, which follow the positions held in `cache` (per layer K and V)."""
         x = w["token_embd.weight"][ids]
-        seq = len(ids)
-        mask = np.triu(np.full((seq, seq), -np.inf, dtype=np.float32), 1)
+        seq, start = len(ids), len(cache[0][0]) if cache else 0
+        mask = np.triu(np.full((seq, start + seq), -np.inf, dtype=np.float32), start + 1)
         for i in range(layers):
             b = f"blk.{i}."
             h = norm(x, w[b + "attn_norm.weight"])
-            q = rope(h @ w[b + "attn_q.weight"].T, heads).reshape(seq, heads, hd)
-            k = rope(h @ w[b + "attn_k.weight"].T, kv_heads).reshape(seq, kv_heads, hd)
+            q = rope(h @ w[b + "attn_q.weight"].T, heads, start).reshape(seq, heads, hd)
+            k = rope(h @ w[b + "attn_k.weight"].T, kv_heads, start).reshape(seq, kv_heads, hd)
             v = (h @ w[b + "attn_v.weight"].T).reshape(seq, kv_heads, hd)
-            k, v = np.repeat(k, heads // kv_heads, 1), np.repeat(v, heads // kv_heads, 1)
+            if len(cache) <= i:
+                cache.append((k, v))
+            else:
+                cache[i] = (np.concatenate([cache[i][0], k]), np.concatenate([cache[i][1], v]))
+            k, v = (np.repeat(t, heads // kv_heads, 1) for t in cache[i])
             scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
             p = np.exp(scores - scores.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
@@ -198,15 +203,15 @@ def reference_greedy(path, prompts, steps):
 
     answers, margin = [], np.inf
     for prompt in prompts:
-        ids, tokens, logprobs = list(prompt), [], []
+        ids, tokens, logprobs, cache = list(prompt), [], [], []
         for _ in range(steps):
-            z = logits(ids)
+            z = logits(ids, cache)
             top2 = np.sort(z)[-2:]
             margin = min(margin, top2[1] - top2[0])
             t = int(np.argmax(z))
             logprobs.append(z[t] - z.max() - np.log(np.exp(z - z.max()).sum()))
             tokens.append(t)
-            ids.append(t)
+            ids = [t]
         answers.append((tokens, logprobs))
     return answers, margin
 
