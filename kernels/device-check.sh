@@ -47,10 +47,10 @@ if [ -z "${PAGEMESH_BIN:-}" ] && [ -x devcheck/pagemesh ]; then
   NATS_SERVER=${NATS_SERVER:-$PWD/devcheck/nats-server}
   say "binaries: devcheck/ (commit $(cat devcheck/commit 2>/dev/null || echo unknown))"
 elif [ -z "${PAGEMESH_BIN:-}" ]; then
-  cargo build --locked -p pagemesh >"$LOGS/cargo-build.log" 2>&1 || { fail "build: see cargo-build.log"; exit 1; }
-  PAGEMESH_BIN=$PWD/target/debug/pagemesh
   # The whole workspace's test build (what tests/run builds, so nothing is compiled again with
-  # another feature set), of which the GPU kernel tests are one executable.
+  # another feature set): `pagemesh` (uplifted to target/debug) and the GPU kernel tests.
+  cargo test --locked --workspace --no-run >"$LOGS/cargo-build.log" 2>&1 || { fail "build: see cargo-build.log"; exit 1; }
+  PAGEMESH_BIN=$PWD/target/debug/pagemesh
   PAGEMESH_KERNEL_TESTS=$(cargo test --locked --workspace --no-run --message-format=json 2>>"$LOGS/cargo-build.log" |
     python3 -c 'import json, sys
 for line in sys.stdin:

@@ -915,8 +915,9 @@ impl SchedulerService {
         };
         let n = state.submit.params.n;
         if let Some(StreamAsk { received: None, .. }) = ask {
-            // The detokenizer holds nothing of this stream: open it there again.
-            if state.resends.allow(Instant::now()) {
+            // The detokenizer holds nothing of this stream: open it there again (if it was
+            // opened anywhere yet).
+            if !state.detokenizer.is_empty() && state.resends.allow(Instant::now()) {
                 let target = state.detokenizer.clone();
                 self.reopen_stream(&id, &target);
             }
