@@ -2,7 +2,7 @@
 per step, with 256 sequences running on a `sim` executor that takes no time
 (`--sim-time-scale 0`), so that the mesh's own work is all there is.
 
-    python3 benchmarks/step_cost.py [--model ../shared/models/stories260K] [--seqs 256]
+    python3 benchmarks/step_cost.py [--model models/stories260K] [--seqs 256]
                                     [--logit-bias 0] [--seconds 8] [--context 4096]
 
 Needs nats-server on PATH and `nats-py`; starts nats-server (with its monitoring port) and the
@@ -99,7 +99,7 @@ async def measure(url, monitor, scheduler_pid, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "stories260K"))
+    parser.add_argument("--model", default=str(ROOT / "models" / "stories260K"))
     parser.add_argument("--seqs", type=int, default=256)
     parser.add_argument("--logit-bias", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=8.0)

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=devcheck
-MODEL=${PAGEMESH_STORIES:-../shared/models/stories260K}
+MODEL=${PAGEMESH_STORIES:-models/stories260K}
 MAX_GLIBC=${PAGEMESH_DEVICE_GLIBC:-2.39}
 LIMIT_MIB=60
 

@@ -59,12 +59,12 @@ for line in sys.stdin:
         print(m["executable"])')
   say "binaries: this checkout's debug build ($(git rev-parse --short HEAD))"
 fi
-PAGEMESH_STORIES=${PAGEMESH_STORIES:-$PWD/../shared/models/stories260K}
+PAGEMESH_STORIES=${PAGEMESH_STORIES:-$PWD/models/stories260K}
 NATS_SERVER=${NATS_SERVER:-$(command -v nats-server)}
 BIN=$PAGEMESH_BIN
 MODEL=$PAGEMESH_STORIES
 REFERENCE=$MODEL/reference.json
-[ -f "$REFERENCE" ] || REFERENCE=$PWD/../shared/models/stories260K/reference.json
+[ -f "$REFERENCE" ] || REFERENCE=$PWD/models/stories260K/reference.json
 
 # --- the machine: GPU, driver, CUDA libraries and headers ---
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

@@ -2,7 +2,7 @@
 
 The `pagemesh` binary is taken from $PAGEMESH_BIN, else target/debug/pagemesh (what
 `cargo test` / `cargo build` leave there; tests/run builds it). The stories260K model comes from $PAGEMESH_TEST_MODEL, else
-../shared/models/stories260K beside the repository. Each process's output goes to a log in a
+models/stories260K in the repository. Each process's output goes to a log in a
 temporary folder, removed when every test passed and named at the end otherwise.
 """
 
@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("PAGEMESH_BIN", ROOT / "target" / "debug" / "pagemesh"))
-MODEL = Path(os.environ.get("PAGEMESH_TEST_MODEL", ROOT.parent / "shared" / "models" / "stories260K"))
+MODEL = Path(os.environ.get("PAGEMESH_TEST_MODEL", ROOT / "models" / "stories260K"))
 # The internal protocol version, for tests that speak it as a fake service.
 INTERNAL_PROTOCOL_VERSION = int(re.search(r"INTERNAL_PROTOCOL_VERSION: u32 = (\d+);",
                                           (ROOT / "shared" / "src" / "protocol.rs").read_text()).group(1))

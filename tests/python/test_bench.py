@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, MODEL, Mesh, wait_for
+from conftest import BIN, ROOT, Mesh, wait_for
 
-LLAMA2_TOKENIZER = MODEL.parent.parent / "tokenizers" / "llama2-32k" / "tokenizer.json"
+LLAMA2_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama2-32k" / "tokenizer.json"
 
 
 def run_json(*args, timeout=300):

@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 
 from conftest import BIN
+from gguf_reference import reference_greedy
 
 
 def smollm2_file():
@@ -149,82 +150,6 @@ def test_every_block_format_dequantizes_as_the_gguf_package_does(tmp_path):
         assert np.isfinite(got).all() and np.abs(got).max() > 0, kind
 
 
-def reference_greedy(path, prompts, steps):
-    """For each prompt, greedy tokens and their logprobs from a numpy forward pass over weights
-    dequantized by PyPI gguf, with llama.cpp's conventions (query/key rows as the GGUF stores
-    them, RoPE on interleaved pairs): independent of pagemesh's loader, its row order and its
-    kernels. Also the smallest top-2 logit margin met."""
-    reader = gguf.GGUFReader(str(path))
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-         for t in reader.tensors}
-    layers, heads, kv_heads = meta["llama.block_count"], meta["llama.attention.head_count"], \
-        meta["llama.attention.head_count_kv"]
-    eps, base = meta["llama.attention.layer_norm_rms_epsilon"], meta["llama.rope.freq_base"]
-    hidden = meta["llama.embedding_length"]
-    hd = hidden // heads
-
-    def norm(x, weight):
-        return x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps).astype(np.float32) * weight
-
-    def rope(x, n_heads, start):  # x: [seq, n_heads * hd] at positions start..; pairs (2i, 2i+1)
-        seq = x.shape[0]
-        x = x.reshape(seq, n_heads, hd // 2, 2)
-        theta = (start + np.arange(seq))[:, None] * base ** (-np.arange(0, hd, 2) / hd)
-        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-        out = np.stack([x[..., 0] * cos - x[..., 1] * sin, x[..., 0] * sin + x[..., 1] * cos], -1)
-        return out.reshape(seq, n_heads * hd).astype(np.float32)
-
-    def logits(ids, cache):
-        """Logits after `ids`, which follow the positions held in `cache` (per layer K and V)."""
-        x = w["token_embd.weight"][ids]
-        seq, start = len(ids), len(cache[0][0]) if cache else 0
-        mask = np.triu(np.full((seq, start + seq), -np.inf, dtype=np.float32), start + 1)
-        for i in range(layers):
-            b = f"blk.{i}."
-            h = norm(x, w[b + "attn_norm.weight"])
-            q = rope(h @ w[b + "attn_q.weight"].T, heads, start).reshape(seq, heads, hd)
-            k = rope(h @ w[b + "attn_k.weight"].T, kv_heads, start).reshape(seq, kv_heads, hd)
-            v = (h @ w[b + "attn_v.weight"].T).reshape(seq, kv_heads, hd)
-            if len(cache) <= i:
-                cache.append((k, v))
-            else:
-                cache[i] = (np.concatenate([cache[i][0], k]), np.concatenate([cache[i][1], v]))
-            k, v = (np.repeat(t, heads // kv_heads, 1) for t in cache[i])
-            scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
-            p = np.exp(scores - scores.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
-            x = x + np.einsum("hqk,khd->qhd", p, v).reshape(seq, hidden) @ w[b + "attn_output.weight"].T
-            h = norm(x, w[b + "ffn_norm.weight"])
-            g, u = h @ w[b + "ffn_gate.weight"].T, h @ w[b + "ffn_up.weight"].T
-            x = x + (g / (1 + np.exp(-g)) * u) @ w[b + "ffn_down.weight"].T
-        out = w.get("output.weight", w["token_embd.weight"])
-        return (norm(x[-1:], w["output_norm.weight"]) @ out.T)[0].astype(np.float64)
-
-    answers, margin = [], np.inf
-    for prompt in prompts:
-        ids, tokens, logprobs, cache = list(prompt), [], [], []
-        for _ in range(steps):
-            z = logits(ids, cache)
-            top2 = np.sort(z)[-2:]
-            margin = min(margin, top2[1] - top2[0])
-            t = int(np.argmax(z))
-            logprobs.append(z[t] - z.max() - np.log(np.exp(z - z.max()).sum()))
-            tokens.append(t)
-            ids = [t]
-        answers.append((tokens, logprobs))
-    return answers, margin
-
-
-def word_level_tokenizer(path):
-    """A tokenizer.json over the GGUF's vocabulary that only decodes (the GGUF tokenizer comes
-    with its own tests): what `pagemesh generate` needs beside a model given by token ids."""
-    tokens = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].contents()
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-            "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)}, "unk_token": tokens[0]}}
-
-
 def test_smollm2_from_its_gguf_generates_the_reference_tokens(tmp_path):
     # A ChatML conversation and a plain text, as pieces of SmolLM2's vocabulary (byte-level
     # BPE: "Ġ" is a space, "Ċ" a newline).
@@ -235,18 +160,14 @@ def test_smollm2_from_its_gguf_generates_the_reference_tokens(tmp_path):
          "<|im_start|>", "ass", "istant", "Ċ"],
         ["Once", "Ġupon", "Ġa", "Ġtime", ","]]]
     steps = 24
-    model = tmp_path / "smollm2"
-    model.mkdir()
-    (model / path.name).symlink_to(path)
-    (model / "tokenizer.json").write_text(json.dumps(word_level_tokenizer(path)))
     requests = tmp_path / "in.jsonl"
     requests.write_text("".join(json.dumps({"prompt_token_ids": p, "max_tokens": steps, "temperature": 0,
                                             "ignore_eos": True, "logprobs": 0}) + "\n" for p in prompts))
-    out = subprocess.run([str(BIN), "generate", "--model", str(model), "--input", str(requests),
+    out = subprocess.run([str(BIN), "generate", "--model", str(path), "--input", str(requests),
                           "--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    answers, margin = reference_greedy(path, prompts, steps)
+    answers, margin, _ = reference_greedy(path, prompts, steps)
     # Both compute in f32 from the same dequantized weights (pagemesh does not quantize
     # activations), so only summation order differs (logprobs agree to ~1e-5): a margin of
     # 1e-3 between the two best logits is far above that, and the reference's smallest margin

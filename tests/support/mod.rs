@@ -12,7 +12,7 @@ use serde_json::Value;
 pub fn model_dir() -> PathBuf {
     std::env::var_os("PAGEMESH_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260K"))
 }
 
 /// The reference cases.

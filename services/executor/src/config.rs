@@ -262,6 +262,28 @@ mod tests {
         "rms_norm_eps":1e-5,"eos_token_id":[2,7]}"#;
 
     #[test]
+    fn gguf_metadata_gives_a_config_this_parser_accepts() {
+        let mut w = crate::gguf::writer::Writer::default();
+        w.kv_str("general.architecture", "llama").kv_strings("tokenizer.ggml.tokens", &["a", "b"]);
+        for (key, value) in [
+            ("llama.block_count", 30u32),
+            ("llama.embedding_length", 576),
+            ("llama.feed_forward_length", 1536),
+            ("llama.attention.head_count", 9),
+            ("llama.attention.head_count_kv", 3),
+            ("llama.context_length", 8192),
+        ] {
+            w.kv_u32(key, value);
+        }
+        let header = crate::gguf::parse(&w.bytes()).expect("parses");
+        let config = header.hf_config().expect("a config");
+        let parsed = ModelConfig::parse(&config.to_string()).expect("accepted");
+        assert_eq!((parsed.num_layers, parsed.hidden_size, parsed.num_kv_heads, parsed.head_dim), (30, 576, 3, 64));
+        assert_eq!(parsed.vocab_size, 2, "the vocabulary from the token list");
+        assert!(parsed.tie_word_embeddings, "no output.weight: tied");
+    }
+
+    #[test]
     fn parses_defaults_and_eos_lists() {
         let c = ModelConfig::parse(BASE).unwrap();
         assert_eq!(c.head_dim, 8);

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::cpu::model::LlamaModel;
+use crate::quant::QuantKind;
 use crate::{CacheConfig, CpuExecutor, ModelConfig, WeightDtype};
 use clap::Args;
 use pagemesh_shared::{EngineConfig, KvAllocation, PreemptionMode};
@@ -11,13 +12,19 @@ use pagemesh_shared::{EngineConfig, KvAllocation, PreemptionMode};
 /// How to load the model and size the engine.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a Hub id
-    /// (`owner/name[@revision]`) fetched into the Hugging Face cache.
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a GGUF file
+    /// (or a directory holding one), or a Hub id (`owner/name[@revision]`, or
+    /// `owner/name[@revision]:FILE.gguf` for one GGUF file) fetched into the Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Weight dtype to compute with: f32, f16 or bf16 (default: as stored).
     #[arg(long)]
     pub dtype: Option<WeightDtype>,
+    /// Quantize the dense layers' weights at load into GGUF blocks: q8_0 (8 bits, 34 bytes per 32
+    /// weights) or q4_0 (4 bits, 18 bytes per 32). For Hugging Face f32/f16/bf16 models on the
+    /// CPU backend; already quantized GGUF tensors stay as they are.
+    #[arg(long, value_parser = parse_quantization)]
+    pub quantization: Option<QuantKind>,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -114,7 +121,8 @@ impl EngineArgs {
 
     /// Loads the model and sizes its executor.
     pub fn load_executor(&self) -> Result<(CpuExecutor, EngineConfig), String> {
-        let model = LlamaModel::load(&self.model, self.dtype).map_err(|e| e.to_string())?;
+        let model =
+            LlamaModel::load_quantized(&self.model, self.dtype, self.quantization).map_err(|e| e.to_string())?;
         let config = self.engine_config(&model.config)?;
         let cache = CacheConfig {
             block_size: config.block_size,
@@ -123,6 +131,14 @@ impl EngineArgs {
         };
         Ok((CpuExecutor::new(model, cache), config))
     }
+}
+
+/// Reads `--quantization`: q8_0 or q4_0, in any case.
+fn parse_quantization(text: &str) -> Result<QuantKind, String> {
+    crate::quant::quantize::TARGETS
+        .into_iter()
+        .find(|k| k.name().eq_ignore_ascii_case(text))
+        .ok_or_else(|| format!("`{text}` is not a quantization this executor makes (q8_0, q4_0)"))
 }
 
 /// The model's eos ids: generation_config.json's, else config.json's.

@@ -27,5 +27,11 @@ pub enum ExecutorError {
     Device(String),
 }
 
+impl From<pagemesh_gguf::GgufError> for ExecutorError {
+    fn from(e: pagemesh_gguf::GgufError) -> Self {
+        ExecutorError::Config(e.0)
+    }
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T> = std::result::Result<T, ExecutorError>;

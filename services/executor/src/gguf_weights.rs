@@ -3,27 +3,14 @@
 //! query/key rows of Llama and Mistral files put back in Hugging Face order (llama.cpp's
 //! converter interleaves each head's two RoPE halves; the executor's RoPE rotates halves).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{ExecutorError, Result};
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::QuantKind;
 use crate::weights::{GgufTensor, WeightStore};
 
-/// The GGUF file a `--model` path names: the path itself when it ends in `.gguf`, or the one
-/// `.gguf` file of a directory that has no `config.json`.
-pub fn model_file(path: &Path) -> Option<PathBuf> {
-    let is_gguf = |p: &Path| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    if path.is_file() {
-        return is_gguf(path).then(|| path.to_path_buf());
-    }
-    if !path.is_dir() || path.join("config.json").exists() {
-        return None;
-    }
-    let mut found = std::fs::read_dir(path).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| is_gguf(p));
-    let first = found.next()?;
-    found.next().is_none().then_some(first)
-}
+pub use crate::gguf::model_file;
 
 /// Which heads' rows a tensor's RoPE interleaving spans.
 #[derive(Clone, Copy)]
@@ -136,6 +123,8 @@ pub fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Result<Vec<u8>
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     #[test]
@@ -152,7 +141,7 @@ mod tests {
     /// A GGUF file of a llama with one query head (four q rows: head_dim 4), written to a
     /// temporary path.
     fn written(name: &str, q_dims: &[u64], q_code: u32, q_data: Vec<u8>) -> PathBuf {
-        use crate::gguf::tests::{string, Writer};
+        use crate::gguf::writer::{string, Writer};
         let mut w = Writer::default();
         let mut arch = Vec::new();
         string(&mut arch, "llama");

@@ -11,7 +11,8 @@ pub mod cpu;
 pub mod engine_args;
 pub mod error;
 pub mod executor;
-pub mod gguf;
+/// GGUF files ([`pagemesh_gguf`]), re-exported where the executor's loaders use them.
+pub use pagemesh_gguf as gguf;
 pub mod gguf_weights;
 pub mod gpu;
 pub mod quant;

@@ -169,6 +169,13 @@ impl TensorData {
         }
     }
 
+    /// The values quantized into `kind`'s blocks (Q8_0 or Q4_0; the element count a whole
+    /// number of blocks, so that the rows of a matrix whose width is too stay apart).
+    pub fn quantize(&self, kind: QuantKind) -> std::result::Result<Self, String> {
+        let bytes = crate::quant::quantize::quantize(kind, &self.to_f32())?;
+        Ok(Self::Quantized(QuantData { kind, bytes: Buffer::Owned(Arc::new(bytes)), elements: self.len() }))
+    }
+
     /// Copies row `row` of a `[rows, width]` matrix into `out` as f32.
     pub fn row_to_f32(&self, row: usize, width: usize, out: &mut [f32]) {
         let range = row * width..(row + 1) * width;

@@ -12,7 +12,7 @@ use pagemesh_shared::{SampleSpec, SamplingParams, ScheduledSeq, StepOutput, Step
 fn model_dir() -> PathBuf {
     std::env::var_os("PAGEMESH_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260K"))
 }
 
 const BS: usize = 4;

@@ -11,7 +11,7 @@ use serde_json::Value;
 fn model_dir() -> PathBuf {
     std::env::var_os("PAGEMESH_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260K"))
 }
 
 fn reference() -> Value {

@@ -1,5 +1,6 @@
-//! Where `--model` points: a local model directory, or a Hugging Face Hub id
-//! (`owner/name`, optionally `@revision`) fetched into the standard Hugging Face cache.
+//! Where `--model` points: a local model directory or GGUF file, or a Hugging Face Hub id
+//! (`owner/name`, optionally `@revision`, optionally `:file.gguf` for one GGUF file of the
+//! repository) fetched into the standard Hugging Face cache.
 //!
 //! A hub id whose files are all in the cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
 //! `~/.cache/huggingface/hub`, laid out as `models--owner--name/{refs,snapshots,blobs}`) is
@@ -29,6 +30,15 @@ pub enum ModelSource {
         repo: String,
         /// Branch, tag or commit (default `main`).
         revision: String,
+    },
+    /// One GGUF file of a repository on the Hugging Face Hub.
+    HubFile {
+        /// `owner/name` (or `name`).
+        repo: String,
+        /// Branch, tag or commit (default `main`).
+        revision: String,
+        /// The file's path in the repository (ends in `.gguf`).
+        file: String,
     },
 }
 
@@ -73,11 +83,23 @@ impl HubSettings {
 
 /// Reads a `--model` argument: an existing path, or anything that looks like a path
 /// (absolute, `./…`, `~…`, more than one `/`), is local; `owner/name[@revision]` or
-/// `name[@revision]` is a hub id.
+/// `name[@revision]` is a hub id, and `owner/name[@revision]:FILE.gguf` one GGUF file of it.
 pub fn parse(arg: &Path) -> ModelSource {
     let text = arg.to_string_lossy();
     if arg.exists() || arg.is_absolute() || text.starts_with('.') || text.starts_with('~') {
         return ModelSource::Local(arg.to_path_buf());
+    }
+    if let Some((id, file)) = text.split_once(':') {
+        let file_ok = file.to_ascii_lowercase().ends_with(".gguf")
+            && !file.starts_with('/')
+            && file.split('/').all(|p| !p.is_empty() && p != "..")
+            && file.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        return match parse(Path::new(id)) {
+            ModelSource::Hub { repo, revision } if file_ok => {
+                ModelSource::HubFile { repo, revision, file: file.into() }
+            }
+            _ => ModelSource::Local(arg.to_path_buf()),
+        };
     }
     let (repo, revision) = match text.split_once('@') {
         Some((repo, revision)) => (repo, revision),
@@ -100,8 +122,8 @@ pub fn parse(arg: &Path) -> ModelSource {
 /// Flags of `pagemesh fetch`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct FetchArgs {
-    /// A model directory, or a Hub id (`owner/name[@revision]`) to fetch into the Hugging Face
-    /// cache.
+    /// A model directory or GGUF file, a Hub id (`owner/name[@revision]`) to fetch into the
+    /// Hugging Face cache, or one GGUF file of a Hub repository (`owner/name[@revision]:FILE.gguf`).
     #[arg(long)]
     pub model: PathBuf,
 }
@@ -110,6 +132,10 @@ pub struct FetchArgs {
 /// cache) and prints its directory.
 pub fn fetch(args: FetchArgs) -> Result<(), String> {
     let dir = resolve(&args.model)?;
+    if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        println!("{}", dir.display());
+        return Ok(());
+    }
     if !is_complete(&dir) {
         return Err(format!(
             "{} is not a complete model directory (config.json, tokenizer.json, *.safetensors)",
@@ -121,10 +147,17 @@ pub fn fetch(args: FetchArgs) -> Result<(), String> {
 }
 
 /// The name a model is served under by default: the hub repository's name, or the
-/// directory's name.
+/// directory's name, or a GGUF file's name without `.gguf`.
 pub fn default_name(arg: &Path) -> String {
     let name = match parse(arg) {
         ModelSource::Hub { repo, .. } => repo.rsplit('/').next().map(str::to_string),
+        ModelSource::HubFile { file, .. } => {
+            let name = file.rsplit('/').next().unwrap_or(&file);
+            Some(name.get(..name.len() - ".gguf".len()).unwrap_or(name).to_string())
+        }
+        ModelSource::Local(path) if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) => {
+            path.file_stem().map(|n| n.to_string_lossy().to_string())
+        }
         ModelSource::Local(dir) => dir.file_name().map(|n| n.to_string_lossy().to_string()),
     };
     name.unwrap_or_else(|| "model".to_string())
@@ -136,7 +169,46 @@ pub fn resolve(arg: &Path) -> Result<PathBuf, String> {
     match parse(arg) {
         ModelSource::Local(dir) => Ok(dir),
         ModelSource::Hub { repo, revision } => resolve_hub(&repo, &revision, &HubSettings::from_env()?),
+        ModelSource::HubFile { repo, revision, file } => {
+            resolve_hub_file(&repo, &revision, &file, &HubSettings::from_env()?)
+        }
     }
+}
+
+/// One file of `repo` at `revision`: from the cache when it is there, else downloaded.
+pub fn resolve_hub_file(repo: &str, revision: &str, file: &str, settings: &HubSettings) -> Result<PathBuf, String> {
+    let repo_dir = settings
+        .cache_dir
+        .join(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()).folder_name());
+    let commit = std::fs::read_to_string(repo_dir.join("refs").join(revision))
+        .map(|hash| hash.trim().to_string())
+        .unwrap_or_else(|_| revision.to_string());
+    let cached = repo_dir.join("snapshots").join(commit).join(file);
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    if settings.offline {
+        return Err(format!(
+            "{file} of {repo}@{revision} is not in the Hugging Face cache at {}, and HF_HUB_OFFLINE is set",
+            settings.cache_dir.display()
+        ));
+    }
+    let hub_repo =
+        hub_api(settings)?.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
+    tracing::info!("fetching {file} of {repo}@{revision} into {}", settings.cache_dir.display());
+    hub_repo.get(file).map_err(|e| format!("cannot fetch {file} of {repo}@{revision}: {e}"))
+}
+
+/// A Hugging Face client on the cache, token and endpoint of `settings`, with progress bars.
+fn hub_api(settings: &HubSettings) -> Result<hf_hub::api::sync::Api, String> {
+    let mut builder = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone())).with_progress(true);
+    if let Some(token) = &settings.token {
+        builder = builder.with_token(Some(token.clone()));
+    }
+    if let Some(endpoint) = &settings.endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
+    }
+    builder.build().map_err(|e| format!("Hugging Face client: {e}"))
 }
 
 /// The snapshot of `repo` at `revision`: from the cache when complete there, else downloaded.
@@ -197,15 +269,8 @@ fn weight_files(index: &str) -> Option<Vec<String>> {
 /// Downloads the files a model directory needs into the cache (with a progress bar) and
 /// returns the snapshot directory.
 fn download(repo: &str, revision: &str, settings: &HubSettings) -> Result<PathBuf, String> {
-    let mut builder = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone())).with_progress(true);
-    if let Some(token) = &settings.token {
-        builder = builder.with_token(Some(token.clone()));
-    }
-    if let Some(endpoint) = &settings.endpoint {
-        builder = builder.with_endpoint(endpoint.clone());
-    }
-    let api = builder.build().map_err(|e| format!("Hugging Face client: {e}"))?;
-    let hub_repo = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
+    let hub_repo =
+        hub_api(settings)?.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
     let info = hub_repo.info().map_err(|e| format!("cannot list {repo}@{revision} on the Hugging Face Hub: {e}"))?;
     let available: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let wanted: Vec<&str> = available
@@ -302,14 +367,35 @@ mod tests {
             parse(Path::new("TinyLlama/TinyLlama-1.1B-Chat-v1.0@v1.0")),
             hub("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "v1.0")
         );
-        for local in ["./models/x", "../shared/models/stories260K", "/abs/model", "a/b/c", "~/m", "bad name/x"] {
+        for local in ["./models/x", "./models/stories260K", "/abs/model", "a/b/c", "~/m", "bad name/x"] {
             assert_eq!(parse(Path::new(local)), ModelSource::Local(local.into()), "{local}");
         }
         // An existing directory is local even when it reads like a hub id.
         let dir = scratch("existing");
         assert_eq!(parse(&dir), ModelSource::Local(dir.to_path_buf()));
         assert_eq!(default_name(Path::new("owner/tiny@v2")), "tiny");
-        assert_eq!(default_name(Path::new("../shared/models/stories260K")), "stories260K");
+        assert_eq!(default_name(Path::new("models/stories260K")), "stories260K");
+        assert_eq!(default_name(Path::new("/m/SmolLM2-135M-Instruct.Q4_1.gguf")), "SmolLM2-135M-Instruct.Q4_1");
+    }
+
+    #[test]
+    fn a_gguf_file_of_a_hub_repository_parses_and_is_used_from_the_cache() {
+        let file = |repo: &str, revision: &str, file: &str| ModelSource::HubFile {
+            repo: repo.into(),
+            revision: revision.into(),
+            file: file.into(),
+        };
+        assert_eq!(parse(Path::new("owner/m-GGUF:m.Q4_K_M.gguf")), file("owner/m-GGUF", "main", "m.Q4_K_M.gguf"));
+        assert_eq!(parse(Path::new("owner/m@v2:q/m.gguf")), file("owner/m", "v2", "q/m.gguf"));
+        for local in ["owner/m:m.bin", "owner/m:../m.gguf", "owner/m:/m.gguf", "a/b/c:m.gguf", "owner/m:"] {
+            assert_eq!(parse(Path::new(local)), ModelSource::Local(local.into()), "{local}");
+        }
+        assert_eq!(default_name(Path::new("owner/m:q/m.Q8_0.gguf")), "m.Q8_0");
+        let cache = scratch("gguf");
+        let snapshot = cache_snapshot(&cache, "owner/m", "c9", Some("main"), &[("m.gguf", "GGUF")]);
+        assert_eq!(resolve_hub_file("owner/m", "main", "m.gguf", &settings(&cache, true)), Ok(snapshot.join("m.gguf")));
+        let error = resolve_hub_file("owner/m", "main", "other.gguf", &settings(&cache, true)).expect_err("absent");
+        assert!(error.contains("other.gguf of owner/m@main") && error.contains("HF_HUB_OFFLINE"), "{error}");
     }
 
     #[test]

@@ -141,7 +141,26 @@ impl ChatTemplate {
     ///
     /// `Ok(None)` when the model has no template (including when it has no
     /// `tokenizer_config.json`).
-    pub fn load(model_dir: &Path) -> Result<Option<Self>, TokenizerError> {
+    ///
+    /// For a GGUF model (a `.gguf` file, or a directory holding one and no `config.json`), a
+    /// template in the file's directory as above wins; else the file's `tokenizer.chat_template`
+    /// is used, with the special tokens its vocabulary names.
+    pub fn load(model: &Path) -> Result<Option<Self>, TokenizerError> {
+        let Some(file) = pagemesh_gguf::model_file(model) else {
+            return Self::load_dir(model);
+        };
+        if let Some(template) = file.parent().map(Self::load_dir).transpose()?.flatten() {
+            return Ok(Some(template));
+        }
+        let gguf = pagemesh_gguf::GgufFile::open(&file).map_err(|e| load_error(&file, e))?;
+        match crate::gguf_vocab::chat_template(&gguf.header.metadata) {
+            Some((source, tokens)) => Self::from_source(&source, tokens).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The template of a Hugging Face model directory ([`Self::load`]).
+    fn load_dir(model_dir: &Path) -> Result<Option<Self>, TokenizerError> {
         let config_path = model_dir.join("tokenizer_config.json");
         let config = read_json_if_exists(&config_path)?;
         let map_path = model_dir.join("special_tokens_map.json");

@@ -1,4 +1,5 @@
-//! Text ↔ token ids for pagemesh, on Hugging Face `tokenizer.json` files.
+//! Text ↔ token ids for pagemesh, on Hugging Face `tokenizer.json` files and on the vocabulary
+//! of GGUF files ([`gguf_vocab`]).
 //!
 //! * [`TextTokenizer`] encodes prompts (with the model's BOS handling from its post-processor)
 //!   and decodes ids.
@@ -12,6 +13,7 @@ use std::path::Path;
 use thiserror::Error;
 
 mod chat;
+pub mod gguf_vocab;
 #[cfg(feature = "service")]
 pub mod service;
 
@@ -43,9 +45,31 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads `tokenizer.json` from a model directory.
-    pub fn load(model_dir: &Path) -> Result<Self, TokenizerError> {
-        Self::from_file(&model_dir.join("tokenizer.json"))
+    /// Loads the tokenizer of a model: `tokenizer.json` of a Hugging Face directory, or for a
+    /// GGUF model (a `.gguf` file, or a directory holding one and no `config.json`) the
+    /// `tokenizer.json` beside the file when there is one, else the file's own vocabulary.
+    pub fn load(model: &Path) -> Result<Self, TokenizerError> {
+        match pagemesh_gguf::model_file(model) {
+            Some(file) => match file_beside(&file, "tokenizer.json") {
+                Some(json) => Self::from_file(&json),
+                None => Self::from_gguf(&file),
+            },
+            None => Self::from_file(&model.join("tokenizer.json")),
+        }
+    }
+
+    /// Builds the tokenizer a GGUF file's metadata describes ([`gguf_vocab::from_metadata`]).
+    pub fn from_gguf(path: &Path) -> Result<Self, TokenizerError> {
+        let load_error = |message: String| TokenizerError::Load { path: path.display().to_string(), message };
+        let file = pagemesh_gguf::GgufFile::open(path).map_err(|e| load_error(e.to_string()))?;
+        Self::from_gguf_metadata(&file.header.metadata).map_err(|e| load_error(e.to_string()))
+    }
+
+    /// Builds the tokenizer that GGUF metadata describes ([`gguf_vocab::from_metadata`]).
+    pub fn from_gguf_metadata(
+        metadata: &std::collections::BTreeMap<String, pagemesh_gguf::Value>,
+    ) -> Result<Self, TokenizerError> {
+        Ok(Self { inner: gguf_vocab::from_metadata(metadata)? })
     }
 
     /// Loads a `tokenizer.json` file.
@@ -114,6 +138,12 @@ impl TextTokenizer {
         text.push_str(&decoder.flush()?);
         Ok(text)
     }
+}
+
+/// `name` in the directory of `file`, if it is a file.
+fn file_beside(file: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let path = file.parent()?.join(name);
+    path.is_file().then_some(path)
 }
 
 /// Turns a growing list of ids into text deltas.

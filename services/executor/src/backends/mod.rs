@@ -66,6 +66,13 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// The backend of an executor for `args`' model on this device, and its engine config.
     pub fn executor_backend(&self, args: &EngineArgs) -> Result<(Box<dyn StepBackend>, EngineConfig), String> {
+        if let Some(kind) = args.quantization.filter(|_| self.device != "cpu") {
+            return Err(format!(
+                "--quantization {} runs on the CPU backend only (--device {} loads weights as f32/f16/bf16)",
+                kind.name().to_ascii_lowercase(),
+                self.device
+            ));
+        }
         match self.device.as_str() {
             "cpu" => {
                 let (executor, config) = args.load_executor()?;

@@ -9,7 +9,7 @@ use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::ops::{rms_norm, silu_mul, RopeTable};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{ExecutorError, Result};
 use crate::quant::QuantKind;
 use crate::weights::{TensorData, WeightDtype, WeightStore};
 
@@ -54,6 +54,7 @@ pub struct ForwardBatch<'a> {
 struct Loader<'a> {
     store: &'a WeightStore,
     dtype: Option<WeightDtype>,
+    quantization: Option<QuantKind>,
 }
 
 impl Loader<'_> {
@@ -69,8 +70,15 @@ impl Loader<'_> {
         Ok(self.store.get(name, &[len])?.data.to_f32())
     }
 
+    /// A dense layer's weight, quantized when asked and it is not already (a matrix whose rows
+    /// are not whole blocks stays as it is, as llama.cpp's quantizer leaves such tensors).
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let weight = self.matrix(&format!("{prefix}.weight"), out, inp)?;
+        let mut weight = self.matrix(&format!("{prefix}.weight"), out, inp)?;
+        if let Some(kind) = self.quantization {
+            if weight.dtype().is_some() && inp.is_multiple_of(kind.block_elements()) {
+                weight = weight.quantize(kind).map_err(|e| ExecutorError::Weights(format!("{prefix}.weight: {e}")))?;
+            }
+        }
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), out)?) } else { None };
         Ok(Linear { out_features: out, in_features: inp, weight, bias })
     }
@@ -80,15 +88,39 @@ impl LlamaModel {
     /// Loads `config.json` and the safetensors weights of a model directory, converting
     /// weights to `dtype` when given (else keeping the stored types).
     pub fn load(model_dir: &Path, dtype: Option<WeightDtype>) -> Result<Self> {
+        Self::load_quantized(model_dir, dtype, None)
+    }
+
+    /// As [`Self::load`], and with `quantization` (Q8_0 or Q4_0) the dense layers' unquantized
+    /// weights are quantized into that block format (embeddings, norms and the output
+    /// projection stay as loaded).
+    pub fn load_quantized(
+        model_dir: &Path,
+        dtype: Option<WeightDtype>,
+        quantization: Option<QuantKind>,
+    ) -> Result<Self> {
         let config = ModelConfig::load(model_dir)?;
         let store = WeightStore::open(model_dir)?;
-        Self::from_store(config, &store, dtype)
+        Self::from_store_quantized(config, &store, dtype, quantization)
     }
 
     /// Builds the model from a parsed config and opened weights.
     pub fn from_store(config: ModelConfig, store: &WeightStore, dtype: Option<WeightDtype>) -> Result<Self> {
+        Self::from_store_quantized(config, store, dtype, None)
+    }
+
+    /// [`Self::from_store`] with [`Self::load_quantized`]'s `quantization`.
+    pub fn from_store_quantized(
+        config: ModelConfig,
+        store: &WeightStore,
+        dtype: Option<WeightDtype>,
+        quantization: Option<QuantKind>,
+    ) -> Result<Self> {
+        if let Some(kind) = quantization.filter(|k| !crate::quant::quantize::TARGETS.contains(k)) {
+            return Err(ExecutorError::Config(format!("cannot quantize to {} (q8_0, q4_0)", kind.name())));
+        }
         let c = &config;
-        let loader = Loader { store, dtype };
+        let loader = Loader { store, dtype, quantization };
         let (d, hd) = (c.hidden_size, c.head_dim);
         let embed = loader.matrix("model.embed_tokens.weight", c.vocab_size, d)?;
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -120,6 +152,25 @@ impl LlamaModel {
     /// The weights' storage format (of the output projection).
     pub fn format(&self) -> QuantKind {
         self.format
+    }
+
+    /// The storage format of every dense layer's weight, by its Hugging Face name (without
+    /// `.weight`), layer by layer.
+    pub fn dense_formats(&self) -> Vec<(String, QuantKind)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let named = [
+                ("self_attn.q_proj", &l.q),
+                ("self_attn.k_proj", &l.k),
+                ("self_attn.v_proj", &l.v),
+                ("self_attn.o_proj", &l.o),
+                ("mlp.gate_proj", &l.gate),
+                ("mlp.up_proj", &l.up),
+                ("mlp.down_proj", &l.down),
+            ];
+            out.extend(named.iter().map(|(name, linear)| (format!("model.layers.{i}.{name}"), linear.weight.format())));
+        }
+        out
     }
 
     /// Runs the batch through the model, writing every row's K/V into `cache`, and returns the

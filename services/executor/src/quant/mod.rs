@@ -2,9 +2,10 @@
 //! scale (and minimum), laid out exactly as ggml lays them out, so that a GGUF tensor is used
 //! straight from the memory map. [`QuantKind`] names the block formats the executor computes
 //! with; [`dequant`] turns blocks into f32 (row by row, for a panel of a matrix at a time, never
-//! a whole model).
+//! a whole model); [`quantize`] makes Q8_0 and Q4_0 blocks from f32 (`--quantization`).
 
 pub mod dequant;
+pub mod quantize;
 #[cfg(test)]
 pub(crate) mod test_blocks;
 

@@ -2,15 +2,26 @@
 //! key/value pairs and the tensor table, with every tensor's bytes located in the memory-mapped
 //! file. The file is untrusted input: every count and length is checked against what is left of
 //! the file before anything is allocated, and a malformed file is an error, never a panic.
+//!
+//! The executor reads weights and the model's configuration from it, the tokenizer its
+//! vocabulary and chat template; [`writer`] writes small files for tests.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use crate::error::{ExecutorError, Result};
+pub mod writer;
+
+/// A GGUF file that cannot be opened or parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GgufError(pub String);
+
+/// Results of this crate.
+pub type Result<T> = std::result::Result<T, GgufError>;
 
 /// The four bytes every GGUF file starts with.
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -179,13 +190,11 @@ pub struct GgufFile {
 impl GgufFile {
     /// Opens and parses `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| ExecutorError::Config(format!("cannot open {}: {e}", path.display())))?;
+        let file = std::fs::File::open(path).map_err(|e| GgufError(format!("cannot open {}: {e}", path.display())))?;
         // SAFETY: the map is read-only and lives as long as this value; a file changed under it
         // by another process is outside what a model loader can defend against.
-        let map = unsafe { Mmap::map(&file) }
-            .map_err(|e| ExecutorError::Config(format!("cannot map {}: {e}", path.display())))?;
-        let header = parse(&map).map_err(|e| ExecutorError::Config(format!("{}: {e}", path.display())))?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| GgufError(format!("cannot map {}: {e}", path.display())))?;
+        let header = parse(&map).map_err(|e| GgufError(format!("{}: {e}", path.display())))?;
         Ok(Self { header, map: Arc::new(map) })
     }
 
@@ -203,6 +212,21 @@ impl GgufFile {
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.header.tensors.iter().find(|t| t.name == name)
     }
+}
+
+/// The GGUF file a `--model` path names: the path itself when it ends in `.gguf`, or the one
+/// `.gguf` file of a directory that has no `config.json`.
+pub fn model_file(path: &Path) -> Option<PathBuf> {
+    let is_gguf = |p: &Path| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if path.is_file() {
+        return is_gguf(path).then(|| path.to_path_buf());
+    }
+    if !path.is_dir() || path.join("config.json").exists() {
+        return None;
+    }
+    let mut found = std::fs::read_dir(path).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| is_gguf(p));
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// The architectures whose GGUF metadata maps onto this executor's Llama-family model, with the
@@ -456,63 +480,9 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Header, String> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
+    use super::writer::{string, Writer};
     use super::*;
-
-    /// A small GGUF writer for the tests.
-    #[derive(Default)]
-    pub(crate) struct Writer {
-        kv: Vec<u8>,
-        kv_count: u64,
-        tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
-    }
-
-    pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
-        out.extend((s.len() as u64).to_le_bytes());
-        out.extend(s.as_bytes());
-    }
-
-    impl Writer {
-        pub(crate) fn kv(&mut self, key: &str, kind: u32, value: &[u8]) -> &mut Self {
-            string(&mut self.kv, key);
-            self.kv.extend(kind.to_le_bytes());
-            self.kv.extend(value);
-            self.kv_count += 1;
-            self
-        }
-
-        pub(crate) fn tensor(&mut self, name: &str, dims: &[u64], code: u32, data: Vec<u8>) -> &mut Self {
-            self.tensors.push((name.into(), dims.to_vec(), code, data));
-            self
-        }
-
-        pub(crate) fn bytes(&self) -> Vec<u8> {
-            let mut out = b"GGUF".to_vec();
-            out.extend(3u32.to_le_bytes());
-            out.extend((self.tensors.len() as u64).to_le_bytes());
-            out.extend(self.kv_count.to_le_bytes());
-            out.extend(&self.kv);
-            let mut data = Vec::new();
-            for (name, dims, code, bytes) in &self.tensors {
-                while !data.len().is_multiple_of(32) {
-                    data.push(0);
-                }
-                string(&mut out, name);
-                out.extend((dims.len() as u32).to_le_bytes());
-                for d in dims {
-                    out.extend(d.to_le_bytes());
-                }
-                out.extend(code.to_le_bytes());
-                out.extend((data.len() as u64).to_le_bytes());
-                data.extend(bytes);
-            }
-            while !out.len().is_multiple_of(32) {
-                out.push(0);
-            }
-            out.extend(data);
-            out
-        }
-    }
 
     fn sample() -> Writer {
         let mut w = Writer::default();
@@ -555,7 +525,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn metadata_becomes_a_config_the_executor_accepts() {
+    fn metadata_becomes_a_hugging_face_config() {
         let mut w = sample();
         for (key, value) in [
             ("llama.embedding_length", 576u32),
@@ -571,9 +541,8 @@ pub(crate) mod tests {
         let config = h.hf_config().expect("a config");
         assert_eq!(config["head_dim"], 64);
         assert_eq!(config["tie_word_embeddings"], true, "no output.weight: tied");
-        let parsed = crate::ModelConfig::parse(&config.to_string()).expect("the executor's parser accepts it");
-        assert_eq!((parsed.num_layers, parsed.hidden_size, parsed.num_kv_heads), (30, 576, 3));
-        assert_eq!(parsed.rope_theta, 100000.0);
+        assert_eq!((config["num_hidden_layers"].as_u64(), config["hidden_size"].as_u64()), (Some(30), Some(576)));
+        assert_eq!((config["num_key_value_heads"].as_u64(), config["rope_theta"].as_f64()), (Some(3), Some(100000.0)));
         let mut missing = sample();
         missing.kv("llama.embedding_length", 4, &576u32.to_le_bytes());
         let err = parse(&missing.bytes()).expect("parses").hf_config().unwrap_err();
