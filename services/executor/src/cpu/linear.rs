@@ -3,8 +3,9 @@
 //!
 //! Two paths, both multi-threaded over output rows with rayon and accumulating in f32:
 //! * few tokens (decode): a bandwidth-bound kernel that streams each weight row once and
-//!   dots it with every token's activations (a quantized row is widened to f32 first, in a
-//!   scratch row of the task's own);
+//!   dots it with every token's activations (Q8_0, Q4_0 and Q4_1 blocks are widened in
+//!   registers by [`super::qgemv`]; other quantized rows are widened to f32 first, in a scratch
+//!   row of the task's own);
 //! * many tokens (prefill): the `gemm` crate's f32 GEMM, fed f16/bf16/quantized weights
 //!   converted to f32 one row panel at a time.
 
@@ -12,6 +13,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::gemv::{isa, row_dot4, rows4_dot4, RowsRef};
+use super::qgemv;
 use crate::weights::TensorData;
 
 /// Token count from which the GEMM path is used.
@@ -140,13 +142,39 @@ impl Linear {
         });
     }
 
-    /// The few-token path for quantized weights: each row is widened once into the task's
-    /// scratch row, then dotted with every token by the f32 kernel.
+    /// The few-token path for quantized weights: blocks widened in registers where
+    /// [`qgemv`] has a kernel for the format, else each row widened once into the task's
+    /// scratch row and dotted with every token by the f32 kernel.
     fn forward_few_quantized(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         let (n, k) = (self.out_features, self.in_features);
         let out = SharedOut(y.as_mut_ptr());
         let isa = isa();
         let tasks = n.div_ceil(GEMV_ROWS_PER_TASK);
+        if let TensorData::Quantized(q) = &self.weight {
+            if qgemv::supports(q.kind, isa) {
+                let row_bytes = q.kind.row_bytes(k).unwrap_or(0);
+                let bytes = q.bytes.as_slice();
+                (0..tasks).into_par_iter().for_each(|task| {
+                    let panel = task * GEMV_ROWS_PER_TASK..((task + 1) * GEMV_ROWS_PER_TASK).min(n);
+                    for t in (0..tokens).step_by(4) {
+                        let used = (tokens - t).min(4);
+                        let xs: [&[f32]; 4] = std::array::from_fn(|j| {
+                            let tj = (t + j).min(tokens - 1);
+                            &x[tj * k..(tj + 1) * k]
+                        });
+                        for o in panel.clone() {
+                            let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
+                            let d = qgemv::row_dot4(q.kind, row, k, xs, used, isa);
+                            for (j, v) in d.iter().take(used).enumerate() {
+                                // SAFETY: (t + j, o) is inside y and written by this task only.
+                                unsafe { *out.ptr().add((t + j) * n + o) = *v };
+                            }
+                        }
+                    }
+                });
+                return;
+            }
+        }
         (0..tasks).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
             scratch.resize(k, 0.0);
             let panel = task * GEMV_ROWS_PER_TASK..((task + 1) * GEMV_ROWS_PER_TASK).min(n);

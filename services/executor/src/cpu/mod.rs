@@ -8,4 +8,5 @@ pub mod kv_cache;
 pub mod linear;
 pub mod model;
 pub mod ops;
+pub mod qgemv;
 pub mod simd;

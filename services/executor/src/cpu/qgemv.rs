@@ -1,0 +1,264 @@
+//! The few-token path for the common 32-element block formats (Q8_0, Q4_0, Q4_1): each block
+//! of a weight row is widened to f32 in registers and dotted at once with up to four tokens'
+//! activations, without going through a scratch row. Each weight takes the value the
+//! dequantizer gives it (the same f32 operations: `q · d`, `(q − 8) · d`, `q · d + m`), so the
+//! results are the widen-then-dot path's up to the order of the sums. AVX-512 and AVX2 kernels,
+//! chosen at run time; other formats and processors take the scratch-row path.
+
+use super::gemv::Isa;
+use crate::quant::QuantKind;
+
+/// Elements per block of the formats here.
+const BLOCK: usize = 32;
+
+/// Whether [`row_dot4`] has a kernel for `kind` on `isa`.
+pub fn supports(kind: QuantKind, isa: Isa) -> bool {
+    matches!(kind, QuantKind::Q8_0 | QuantKind::Q4_0 | QuantKind::Q4_1) && isa != Isa::Portable
+}
+
+/// `out[t] = Σ_i w[i] · xs[t][i]` for one quantized row `row` (whole blocks of `kind` for `k`
+/// elements) and up to four activation rows.
+///
+/// # Panics
+/// When [`supports`] is false, or the row or an activation row is shorter than `k`.
+pub fn row_dot4(kind: QuantKind, row: &[u8], k: usize, xs: [&[f32]; 4], used: usize, isa: Isa) -> [f32; 4] {
+    assert!(k.is_multiple_of(BLOCK) && row.len() >= k / BLOCK * kind.block_bytes(), "quantized row too short");
+    for x in &xs[..used] {
+        assert!(x.len() >= k, "activation row too short");
+    }
+    let blocks = k / BLOCK;
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! by_used {
+            ($kernel:ident) => {
+                match used {
+                    1 => x86::$kernel::<1>(row.as_ptr(), blocks, xs),
+                    2 => x86::$kernel::<2>(row.as_ptr(), blocks, xs),
+                    3 => x86::$kernel::<3>(row.as_ptr(), blocks, xs),
+                    _ => x86::$kernel::<4>(row.as_ptr(), blocks, xs),
+                }
+            };
+        }
+        // SAFETY: the ISA was detected on this processor; the row holds `blocks` blocks and
+        // every used activation row `k` elements (checked above).
+        unsafe {
+            match (isa, kind) {
+                (Isa::Avx512, QuantKind::Q8_0) => return by_used!(q8_0_avx512),
+                (Isa::Avx512, QuantKind::Q4_0) => return by_used!(q4_0_avx512),
+                (Isa::Avx512, QuantKind::Q4_1) => return by_used!(q4_1_avx512),
+                (Isa::Avx2, QuantKind::Q8_0) => return by_used!(q8_0_avx2),
+                (Isa::Avx2, QuantKind::Q4_0) => return by_used!(q4_0_avx2),
+                (Isa::Avx2, QuantKind::Q4_1) => return by_used!(q4_1_avx2),
+                _ => {}
+            }
+        }
+    }
+    let _ = (blocks, isa);
+    panic!("no fused kernel for {} on {isa:?}", kind.name());
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::BLOCK;
+
+    /// The f16 at `p` as f32.
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn half_at(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    /// Sums of the accumulators, one per used token.
+    #[inline(always)]
+    unsafe fn reduce512<const U: usize>(acc: [__m512; 4]) -> [f32; 4] {
+        let mut out = [0.0f32; 4];
+        for t in 0..U {
+            out[t] = _mm512_reduce_add_ps(acc[t]);
+        }
+        out
+    }
+
+    /// Adds `lo · x[0..16] + hi · x[16..32]` of block `b` to each used token's accumulator.
+    #[inline(always)]
+    unsafe fn fma_block512<const U: usize>(acc: &mut [__m512; 4], lo: __m512, hi: __m512, xs: &[&[f32]; 4], b: usize) {
+        for t in 0..U {
+            let x = xs[t].as_ptr().add(b * BLOCK);
+            acc[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc[t]);
+            acc[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x.add(16)), acc[t]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn q8_0_avx512<const U: usize>(row: *const u8, blocks: usize, xs: [&[f32]; 4]) -> [f32; 4] {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for b in 0..blocks {
+            let p = row.add(b * 34);
+            let d = _mm512_set1_ps(half_at(p));
+            let q0 = _mm_loadu_si128(p.add(2) as *const __m128i);
+            let q1 = _mm_loadu_si128(p.add(18) as *const __m128i);
+            let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
+            let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
+            fma_block512::<U>(&mut acc, lo, hi, &xs, b);
+        }
+        reduce512::<U>(acc)
+    }
+
+    /// The low and high nibbles of a block's 16 bytes as 32 integers (low nibbles first).
+    #[inline(always)]
+    unsafe fn nibbles512(p: *const u8) -> (__m512i, __m512i) {
+        let qs = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(qs, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+        (_mm512_cvtepu8_epi32(lo), _mm512_cvtepu8_epi32(hi))
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn q4_0_avx512<const U: usize>(row: *const u8, blocks: usize, xs: [&[f32]; 4]) -> [f32; 4] {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let eight = _mm512_set1_epi32(8);
+        for b in 0..blocks {
+            let p = row.add(b * 18);
+            let d = _mm512_set1_ps(half_at(p));
+            let (lo, hi) = nibbles512(p.add(2));
+            let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)), d);
+            let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)), d);
+            fma_block512::<U>(&mut acc, lo, hi, &xs, b);
+        }
+        reduce512::<U>(acc)
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn q4_1_avx512<const U: usize>(row: *const u8, blocks: usize, xs: [&[f32]; 4]) -> [f32; 4] {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for b in 0..blocks {
+            let p = row.add(b * 20);
+            let (d, m) = (_mm512_set1_ps(half_at(p)), _mm512_set1_ps(half_at(p.add(2))));
+            let (lo, hi) = nibbles512(p.add(4));
+            let lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m);
+            let hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m);
+            fma_block512::<U>(&mut acc, lo, hi, &xs, b);
+        }
+        reduce512::<U>(acc)
+    }
+
+    /// Sums of the accumulators, one per used token.
+    #[inline(always)]
+    unsafe fn reduce256<const U: usize>(acc: [__m256; 4]) -> [f32; 4] {
+        let mut out = [0.0f32; 4];
+        for t in 0..U {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+            out[t] = lanes.iter().sum();
+        }
+        out
+    }
+
+    /// Adds `w[j] · x[8j..8j + 8]` for the four 8-wide pieces of block `b`.
+    #[inline(always)]
+    unsafe fn fma_block256<const U: usize>(acc: &mut [__m256; 4], w: [__m256; 4], xs: &[&[f32]; 4], b: usize) {
+        for t in 0..U {
+            let x = xs[t].as_ptr().add(b * BLOCK);
+            for (j, wj) in w.iter().enumerate() {
+                acc[t] = _mm256_fmadd_ps(*wj, _mm256_loadu_ps(x.add(8 * j)), acc[t]);
+            }
+        }
+    }
+
+    /// Four groups of 8 bytes of `lo` then `hi` (16 bytes each) as 8-lane i32 vectors.
+    #[inline(always)]
+    unsafe fn widen256(lo: __m128i, hi: __m128i, signed: bool) -> [__m256i; 4] {
+        let cvt = |v: __m128i| if signed { _mm256_cvtepi8_epi32(v) } else { _mm256_cvtepu8_epi32(v) };
+        [cvt(lo), cvt(_mm_srli_si128(lo, 8)), cvt(hi), cvt(_mm_srli_si128(hi, 8))]
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0_avx2<const U: usize>(row: *const u8, blocks: usize, xs: [&[f32]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..blocks {
+            let p = row.add(b * 34);
+            let d = _mm256_set1_ps(half_at(p));
+            let q = widen256(
+                _mm_loadu_si128(p.add(2) as *const __m128i),
+                _mm_loadu_si128(p.add(18) as *const __m128i),
+                true,
+            );
+            let w = q.map(|v| _mm256_mul_ps(_mm256_cvtepi32_ps(v), d));
+            fma_block256::<U>(&mut acc, w, &xs, b);
+        }
+        reduce256::<U>(acc)
+    }
+
+    /// A block's 16 bytes of nibbles split into low and high nibbles.
+    #[inline(always)]
+    unsafe fn nibbles128(p: *const u8) -> (__m128i, __m128i) {
+        let qs = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        (_mm_and_si128(qs, mask), _mm_and_si128(_mm_srli_epi16(qs, 4), mask))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_0_avx2<const U: usize>(row: *const u8, blocks: usize, xs: [&[f32]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let eight = _mm256_set1_epi32(8);
+        for b in 0..blocks {
+            let p = row.add(b * 18);
+            let d = _mm256_set1_ps(half_at(p));
+            let (lo, hi) = nibbles128(p.add(2));
+            let w = widen256(lo, hi, false).map(|v| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v, eight)), d));
+            fma_block256::<U>(&mut acc, w, &xs, b);
+        }
+        reduce256::<U>(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1_avx2<const U: usize>(row: *const u8, blocks: usize, xs: [&[f32]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..blocks {
+            let p = row.add(b * 20);
+            let (d, m) = (_mm256_set1_ps(half_at(p)), _mm256_set1_ps(half_at(p.add(2))));
+            let (lo, hi) = nibbles128(p.add(4));
+            let w = widen256(lo, hi, false).map(|v| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), d), m));
+            fma_block256::<U>(&mut acc, w, &xs, b);
+        }
+        reduce256::<U>(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::gemv::available_isas;
+    use crate::quant::dequant::dequantize_row;
+    use crate::quant::test_blocks::random_blocks;
+
+    #[test]
+    fn fused_dots_equal_dequantize_then_dot() {
+        let k = 256;
+        let xs: Vec<Vec<f32>> =
+            (0..4).map(|t| (0..k).map(|i| ((i * 7 + t * 13) % 29) as f32 / 29.0 - 0.5).collect()).collect();
+        let x: [&[f32]; 4] = std::array::from_fn(|t| xs[t].as_slice());
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0, QuantKind::Q4_1] {
+            let row = random_blocks(kind, k / kind.block_elements(), 11);
+            let mut w = vec![0.0; k];
+            dequantize_row(kind, &row, &mut w);
+            for isa in available_isas().into_iter().filter(|&isa| supports(kind, isa)) {
+                for used in 1..=4 {
+                    let got = row_dot4(kind, &row, k, x, used, isa);
+                    for t in 0..used {
+                        let want: f64 = w.iter().zip(&xs[t]).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                        let scale: f64 = w.iter().zip(&xs[t]).map(|(a, b)| f64::from((a * b).abs())).sum();
+                        assert!(
+                            (f64::from(got[t]) - want).abs() <= 1e-5 * scale.max(1.0),
+                            "{kind:?} {isa:?} used {used} token {t}: {} vs {want}",
+                            got[t]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
