@@ -193,7 +193,10 @@ impl TensorData {
             }
             Self::Quantized(q) => {
                 let row_bytes = q.kind.row_bytes(width).unwrap_or(0);
-                dequantize_row(q.kind, &q.bytes.as_slice()[row * row_bytes..(row + 1) * row_bytes], out);
+                let bytes = &q.bytes.as_slice()[row * row_bytes..(row + 1) * row_bytes];
+                if !crate::cpu::qgemv::widen_row(q.kind, bytes, out, crate::cpu::gemv::isa()) {
+                    dequantize_row(q.kind, bytes, out);
+                }
             }
         }
     }

@@ -151,7 +151,9 @@ impl Linear {
         let isa = isa();
         let tasks = n.div_ceil(GEMV_ROWS_PER_TASK);
         if let TensorData::Quantized(q) = &self.weight {
-            if qgemv::supports(q.kind, isa) {
+            // Up to four tokens, blocks are widened in registers for each; more tokens share one
+            // widened row (below) instead of widening it again for every group of four.
+            if qgemv::supports(q.kind, isa) && tokens <= 4 {
                 let row_bytes = q.kind.row_bytes(k).unwrap_or(0);
                 let bytes = q.bytes.as_slice();
                 (0..tasks).into_par_iter().for_each(|task| {
@@ -175,23 +177,42 @@ impl Linear {
                 return;
             }
         }
+        // Four rows at a time are widened into the task's scratch rows, then dotted with every
+        // group of four tokens by the f32 4-rows × 4-tokens kernel.
         (0..tasks).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, task| {
-            scratch.resize(k, 0.0);
+            scratch.resize(4 * k, 0.0);
             let panel = task * GEMV_ROWS_PER_TASK..((task + 1) * GEMV_ROWS_PER_TASK).min(n);
-            for o in panel {
-                self.weight.row_to_f32(o, k, scratch);
+            let mut o = panel.start;
+            while o < panel.end {
+                let block = (panel.end - o).min(4);
+                for r in 0..block {
+                    self.weight.row_to_f32(o + r, k, &mut scratch[r * k..(r + 1) * k]);
+                }
                 for t in (0..tokens).step_by(4) {
                     let used = (tokens - t).min(4);
                     let xs: [&[f32]; 4] = std::array::from_fn(|j| {
                         let tj = (t + j).min(tokens - 1);
                         &x[tj * k..(tj + 1) * k]
                     });
-                    let d = row_dot4(RowsRef::F32(scratch), 0, k, xs, used, isa);
-                    for (j, v) in d.iter().take(used).enumerate() {
-                        // SAFETY: (t + j, o) is inside y and written by this task only.
-                        unsafe { *out.ptr().add((t + j) * n + o) = *v };
+                    let d = if block == 4 {
+                        rows4_dot4(RowsRef::F32(scratch), 0, k, xs, used, isa)
+                    } else {
+                        std::array::from_fn(|r| {
+                            if r < block {
+                                row_dot4(RowsRef::F32(scratch), r, k, xs, used, isa)
+                            } else {
+                                [0.0; 4]
+                            }
+                        })
+                    };
+                    for (r, row_out) in d.iter().enumerate().take(block) {
+                        for (j, v) in row_out.iter().take(used).enumerate() {
+                            // SAFETY: (t + j, o + r) is inside y and written by this task only.
+                            unsafe { *out.ptr().add((t + j) * n + o + r) = *v };
+                        }
                     }
                 }
+                o += block;
             }
         });
     }

@@ -57,6 +57,29 @@ pub fn row_dot4(kind: QuantKind, row: &[u8], k: usize, xs: [&[f32]; 4], used: us
     panic!("no fused kernel for {} on {isa:?}", kind.name());
 }
 
+/// Widens one row of `kind` blocks into `out` (as [`crate::quant::dequant::dequantize_row`]
+/// does, bit for bit) with the vector unit; false, leaving `out` untouched, where there is no
+/// kernel for `kind` on `isa`.
+pub fn widen_row(kind: QuantKind, row: &[u8], out: &mut [f32], isa: Isa) -> bool {
+    let k = out.len();
+    if !supports(kind, isa) || !k.is_multiple_of(BLOCK) || row.len() < k / BLOCK * kind.block_bytes() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the ISA was detected; the row holds `k / BLOCK` blocks and `out` `k` elements.
+    unsafe {
+        match (isa, kind) {
+            (Isa::Avx512, QuantKind::Q8_0) => x86::widen_q8_0_avx512(row.as_ptr(), out),
+            (Isa::Avx512, QuantKind::Q4_0) => x86::widen_q4_0_avx512(row.as_ptr(), out),
+            (Isa::Avx512, QuantKind::Q4_1) => x86::widen_q4_1_avx512(row.as_ptr(), out),
+            _ => return false,
+        }
+        return true;
+    }
+    #[allow(unreachable_code)]
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -114,6 +137,41 @@ mod x86 {
         let lo = _mm_and_si128(qs, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
         (_mm512_cvtepu8_epi32(lo), _mm512_cvtepu8_epi32(hi))
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn widen_q8_0_avx512(row: *const u8, out: &mut [f32]) {
+        for (b, y) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let p = row.add(b * 34);
+            let d = _mm512_set1_ps(half_at(p));
+            let q0 = _mm_loadu_si128(p.add(2) as *const __m128i);
+            let q1 = _mm_loadu_si128(p.add(18) as *const __m128i);
+            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d));
+            _mm512_storeu_ps(y.as_mut_ptr().add(16), _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d));
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn widen_q4_0_avx512(row: *const u8, out: &mut [f32]) {
+        let eight = _mm512_set1_epi32(8);
+        for (b, y) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let p = row.add(b * 18);
+            let d = _mm512_set1_ps(half_at(p));
+            let (lo, hi) = nibbles512(p.add(2));
+            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)), d));
+            _mm512_storeu_ps(y.as_mut_ptr().add(16), _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)), d));
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn widen_q4_1_avx512(row: *const u8, out: &mut [f32]) {
+        for (b, y) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let p = row.add(b * 20);
+            let (d, m) = (_mm512_set1_ps(half_at(p)), _mm512_set1_ps(half_at(p.add(2))));
+            let (lo, hi) = nibbles512(p.add(4));
+            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m));
+            _mm512_storeu_ps(y.as_mut_ptr().add(16), _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m));
+        }
     }
 
     #[target_feature(enable = "avx512f,f16c")]
@@ -246,6 +304,11 @@ mod tests {
             let mut w = vec![0.0; k];
             dequantize_row(kind, &row, &mut w);
             for isa in available_isas().into_iter().filter(|&isa| supports(kind, isa)) {
+                let mut widened = vec![f32::NAN; k];
+                if widen_row(kind, &row, &mut widened, isa) {
+                    let same = widened.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kind:?} {isa:?}: widened in registers differs from the dequantizer");
+                }
                 for used in 1..=4 {
                     let got = row_dot4(kind, &row, k, x, used, isa);
                     for t in 0..used {
