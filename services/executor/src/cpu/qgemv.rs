@@ -1,6 +1,7 @@
 //! The few-token path for the common 32-element block formats (Q8_0, Q4_0, Q4_1): each block
 //! of a weight row is widened to f32 in registers and dotted at once with up to four tokens'
-//! activations, without going through a scratch row. Each weight takes the value the
+//! activations, without going through a scratch row. [`widen_row`] widens whole rows (those
+//! formats and Q4_K, Q6_K) with AVX-512 for the paths that reuse a widened row. Each weight takes the value the
 //! dequantizer gives it (the same f32 operations: `q · d`, `(q − 8) · d`, `q · d + m`), so the
 //! results are the widen-then-dot path's up to the order of the sums. AVX-512 and AVX2 kernels,
 //! chosen at run time; other formats and processors take the scratch-row path.
@@ -62,16 +63,19 @@ pub fn row_dot4(kind: QuantKind, row: &[u8], k: usize, xs: [&[f32]; 4], used: us
 /// kernel for `kind` on `isa`.
 pub fn widen_row(kind: QuantKind, row: &[u8], out: &mut [f32], isa: Isa) -> bool {
     let k = out.len();
-    if !supports(kind, isa) || !k.is_multiple_of(BLOCK) || row.len() < k / BLOCK * kind.block_bytes() {
+    let per_block = kind.block_elements();
+    if isa != Isa::Avx512 || !k.is_multiple_of(per_block) || row.len() < k / per_block * kind.block_bytes() {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the ISA was detected; the row holds `k / BLOCK` blocks and `out` `k` elements.
+    // SAFETY: the ISA was detected; the row holds `k / per_block` blocks and `out` `k` elements.
     unsafe {
-        match (isa, kind) {
-            (Isa::Avx512, QuantKind::Q8_0) => x86::widen_q8_0_avx512(row.as_ptr(), out),
-            (Isa::Avx512, QuantKind::Q4_0) => x86::widen_q4_0_avx512(row.as_ptr(), out),
-            (Isa::Avx512, QuantKind::Q4_1) => x86::widen_q4_1_avx512(row.as_ptr(), out),
+        match kind {
+            QuantKind::Q8_0 => x86::widen_q8_0_avx512(row.as_ptr(), out),
+            QuantKind::Q4_0 => x86::widen_q4_0_avx512(row.as_ptr(), out),
+            QuantKind::Q4_1 => x86::widen_q4_1_avx512(row.as_ptr(), out),
+            QuantKind::Q4K => x86::widen_q4_k_avx512(row.as_ptr(), out),
+            QuantKind::Q6K => x86::widen_q6_k_avx512(row.as_ptr(), out),
             _ => return false,
         }
         return true;
@@ -171,6 +175,89 @@ mod x86 {
             let (lo, hi) = nibbles512(p.add(4));
             _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m));
             _mm512_storeu_ps(y.as_mut_ptr().add(16), _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m));
+        }
+    }
+
+    /// 16 bytes at `p` widened to f32 (unsigned), times `d`, minus `min`.
+    #[inline(always)]
+    unsafe fn scaled16(bytes: __m128i, d: f32, min: f32) -> __m512 {
+        let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+        _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(d), v), _mm512_set1_ps(min))
+    }
+
+    /// Scale and minimum `j` of a Q4_K super-block's 12 packed bytes (as the dequantizer).
+    #[inline(always)]
+    fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+        if j < 4 {
+            (q[j] & 63, q[j + 4] & 63)
+        } else {
+            ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn widen_q4_k_avx512(row: *const u8, out: &mut [f32]) {
+        let mask = _mm_set1_epi8(0x0f);
+        for (b, y) in out.chunks_exact_mut(256).enumerate() {
+            let p = row.add(b * 144);
+            let (d, dmin) = (half_at(p), half_at(p.add(2)));
+            let scales: [u8; 12] = std::ptr::read_unaligned(p.add(4) as *const [u8; 12]);
+            for group in 0..4 {
+                let q = p.add(16 + group * 32);
+                let (sc1, m1) = scale_min_k4(2 * group, &scales);
+                let (sc2, m2) = scale_min_k4(2 * group + 1, &scales);
+                let (d1, min1) = (d * f32::from(sc1), dmin * f32::from(m1));
+                let (d2, min2) = (d * f32::from(sc2), dmin * f32::from(m2));
+                let o = y.as_mut_ptr().add(group * 64);
+                for half in 0..2 {
+                    let bytes = _mm_loadu_si128(q.add(16 * half) as *const __m128i);
+                    let lo = _mm_and_si128(bytes, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                    _mm512_storeu_ps(o.add(16 * half), scaled16(lo, d1, min1));
+                    _mm512_storeu_ps(o.add(32 + 16 * half), scaled16(hi, d2, min2));
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn widen_q6_k_avx512(row: *const u8, out: &mut [f32]) {
+        let (low4, low2) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(3));
+        let thirty_two = _mm512_set1_epi32(32);
+        for (b, y) in out.chunks_exact_mut(256).enumerate() {
+            let p = row.add(b * 210);
+            let d = half_at(p.add(208));
+            for half_block in 0..2 {
+                let ql = p.add(half_block * 64);
+                let qh = p.add(128 + half_block * 32);
+                let sc = p.add(192 + half_block * 8);
+                let o = y.as_mut_ptr().add(half_block * 128);
+                for c in 0..2 {
+                    let lo = _mm_loadu_si128(ql.add(16 * c) as *const __m128i);
+                    let hi = _mm_loadu_si128(ql.add(32 + 16 * c) as *const __m128i);
+                    let h = _mm_loadu_si128(qh.add(16 * c) as *const __m128i);
+                    let top = |shift: i32| {
+                        let bits = match shift {
+                            0 => h,
+                            2 => _mm_srli_epi16(h, 2),
+                            4 => _mm_srli_epi16(h, 4),
+                            _ => _mm_srli_epi16(h, 6),
+                        };
+                        _mm_slli_epi16(_mm_and_si128(bits, low2), 4)
+                    };
+                    let quads = [
+                        _mm_or_si128(_mm_and_si128(lo, low4), top(0)),
+                        _mm_or_si128(_mm_and_si128(hi, low4), top(2)),
+                        _mm_or_si128(_mm_and_si128(_mm_srli_epi16(lo, 4), low4), top(4)),
+                        _mm_or_si128(_mm_and_si128(_mm_srli_epi16(hi, 4), low4), top(6)),
+                    ];
+                    for (n, q) in quads.iter().enumerate() {
+                        let scale = d * f32::from(*sc.add(c + 2 * n) as i8);
+                        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(*q), thirty_two));
+                        _mm512_storeu_ps(o.add(32 * n + 16 * c), _mm512_mul_ps(_mm512_set1_ps(scale), v));
+                    }
+                }
+            }
         }
     }
 
@@ -299,6 +386,17 @@ mod tests {
         let xs: Vec<Vec<f32>> =
             (0..4).map(|t| (0..k).map(|i| ((i * 7 + t * 13) % 29) as f32 / 29.0 - 0.5).collect()).collect();
         let x: [&[f32]; 4] = std::array::from_fn(|t| xs[t].as_slice());
+        for kind in [QuantKind::Q4K, QuantKind::Q6K] {
+            let row = random_blocks(kind, 2, 5);
+            let mut w = vec![0.0; 512];
+            dequantize_row(kind, &row, &mut w);
+            if available_isas().contains(&Isa::Avx512) {
+                let mut widened = vec![f32::NAN; 512];
+                assert!(widen_row(kind, &row, &mut widened, Isa::Avx512), "{kind:?}");
+                let same = widened.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{kind:?}: widened in registers differs from the dequantizer");
+            }
+        }
         for kind in [QuantKind::Q8_0, QuantKind::Q4_0, QuantKind::Q4_1] {
             let row = random_blocks(kind, k / kind.block_elements(), 11);
             let mut w = vec![0.0; k];
