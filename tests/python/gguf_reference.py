@@ -6,15 +6,18 @@ import gguf
 import numpy as np
 
 
-def reference_greedy(path, prompts, steps):
+def reference_greedy(path, prompts, steps, dtype=np.float64):
     """For each prompt, greedy tokens and their logprobs from a numpy forward pass over weights
     dequantized by PyPI gguf, with llama.cpp's conventions (query/key rows as the GGUF stores
     them, RoPE on interleaved pairs): independent of pagemesh's loader, its row order and its
-    kernels. Also the smallest top-2 logit margin met, and per prompt the margin at each step."""
+    kernels. Also the smallest top-2 logit margin met, and per prompt the margin at each step.
+
+    The pass computes in `dtype`: float64 by default (the dequantized f32 weights exactly, a
+    reference more precise than any f32 kernel), float32 for models too large for that."""
     reader = gguf.GGUFReader(str(path))
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
-         for t in reader.tensors}
+    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(dtype, copy=False)
+         .reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
     layers, heads, kv_heads = meta["llama.block_count"], meta["llama.attention.head_count"], \
         meta["llama.attention.head_count_kv"]
     eps, base = meta["llama.attention.layer_norm_rms_epsilon"], meta["llama.rope.freq_base"]
@@ -22,7 +25,7 @@ def reference_greedy(path, prompts, steps):
     hd = hidden // heads
 
     def norm(x, weight):
-        return x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps).astype(np.float32) * weight
+        return x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps).astype(dtype) * weight
 
     def rope(x, n_heads, start):  # x: [seq, n_heads * hd] at positions start..; pairs (2i, 2i+1)
         seq = x.shape[0]
@@ -30,13 +33,13 @@ def reference_greedy(path, prompts, steps):
         theta = (start + np.arange(seq))[:, None] * base ** (-np.arange(0, hd, 2) / hd)
         cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
         out = np.stack([x[..., 0] * cos - x[..., 1] * sin, x[..., 0] * sin + x[..., 1] * cos], -1)
-        return out.reshape(seq, n_heads * hd).astype(np.float32)
+        return out.reshape(seq, n_heads * hd).astype(dtype)
 
     def logits(ids, cache):
         """Logits after `ids`, which follow the positions held in `cache` (per layer K and V)."""
         x = w["token_embd.weight"][ids]
         seq, start = len(ids), len(cache[0][0]) if cache else 0
-        mask = np.triu(np.full((seq, start + seq), -np.inf, dtype=np.float32), start + 1)
+        mask = np.triu(np.full((seq, start + seq), -np.inf, dtype=dtype), start + 1)
         for i in range(layers):
             b = f"blk.{i}."
             h = norm(x, w[b + "attn_norm.weight"])
@@ -48,7 +51,7 @@ def reference_greedy(path, prompts, steps):
             else:
                 cache[i] = (np.concatenate([cache[i][0], k]), np.concatenate([cache[i][1], v]))
             k, v = (np.repeat(t, heads // kv_heads, 1) for t in cache[i])
-            scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
+            scores = np.einsum("qhd,khd->hqk", q, k) / dtype(np.sqrt(hd)) + mask
             p = np.exp(scores - scores.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             x = x + np.einsum("hqk,khd->qhd", p, v).reshape(seq, hidden) @ w[b + "attn_output.weight"].T
