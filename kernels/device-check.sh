@@ -348,6 +348,6 @@ else
 fi
 
 # --- 6. the real GGUF model ---
-skip "SmolLM2-135M Q4_1 GGUF on the GPU: not checked yet (GGUF loads on the CPU backend; the GPU widens its weights at load, untested, and its tokenizer does not load from GGUF yet)"
+skip "SmolLM2-135M Q4_1 GGUF on the GPU: not checked yet (GGUF, its tokenizer and chat template serve on the CPU backend; the GPU widens the weights at load, untested)"
 
 [ "$FAILED" = 0 ]
