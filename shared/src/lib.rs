@@ -6,19 +6,23 @@
 //! * [`config`]: engine configuration (cache geometry, batching limits, preemption mode).
 //! * [`output`]: what a request produces (tokens, logprobs, finish reasons).
 //! * [`limits`]: bounds every receiver checks on what arrives over NATS.
+//! * [`link`]: whether a service's NATS link is up, to judge peers' silence.
 //! * [`protocol`]: the messages that cross NATS, public (JSON) and internal (versioned).
 //! * [`subjects`]: the NATS subjects, each with its message types ([`wire`]).
 //! * [`wire`]: typed topics and endpoints, and their encodings (JSON, MessagePack).
 //! * [`step_delta`]: the incremental form of step plans sent to executors.
+//! * [`sessions`]: the scheduler sessions an executor has served and left.
 //! * [`metrics`]: the Prometheus metric names, labels and histogram buckets.
 
 pub mod chat_message;
 pub mod config;
 pub mod limits;
+pub mod link;
 pub mod metrics;
 pub mod output;
 pub mod protocol;
 pub mod sampling;
+pub mod sessions;
 pub mod step;
 pub mod step_delta;
 pub mod subjects;

@@ -428,19 +428,28 @@ impl DetokenizerService {
                 }
                 Some(Output { reply_to, chunks, abort, ack })
             }
-            DetokenizerEvent::Finish { request_id, reason, message, .. } => {
-                let mut stream = self.streams.remove(&request_id)?;
+            DetokenizerEvent::Finish { request_id, reason, .. } => {
+                let Some(mut stream) = self.streams.remove(&request_id) else {
+                    return self.missing_stream(&request_id, now);
+                };
                 for s in &mut stream.samples {
                     s.finished.get_or_insert(reason);
                 }
                 self.record_end(&stream);
                 if reason == FinishReason::Error && stream.next_index == 0 {
-                    let _ = message;
+                    // No chunk was out: the client hears the error itself (see `process`);
+                    // the scheduler hears that the stream is closed.
                     for s in &mut stream.samples {
                         s.closed = true;
                     }
-                    self.closed.remember(stream.ack());
-                    return None;
+                    let ack = stream.ack();
+                    self.closed.remember(ack.clone());
+                    return Some(Output {
+                        reply_to: stream.open.reply_to.clone(),
+                        chunks: Vec::new(),
+                        abort: false,
+                        ack,
+                    });
                 }
                 let chunks = stream.chunks(true);
                 for s in &mut stream.samples {
@@ -452,8 +461,8 @@ impl DetokenizerService {
         }
     }
 
-    /// Tokens of a stream not held here: its final ack again if it closed lately (the first
-    /// was lost), else an ask for the stream (its opening was lost).
+    /// Tokens or the end of a stream not held here: its final ack again if it closed lately
+    /// (the first was lost), else an ask for the stream (its opening was lost).
     fn missing_stream(&mut self, request_id: &str, now: Instant) -> Option<Output> {
         let ack = match self.closed.get(request_id) {
             Some(ack) => ack.clone(),

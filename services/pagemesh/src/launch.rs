@@ -24,7 +24,7 @@ use pagemesh_executor::backends::DeviceArgs;
 use pagemesh_executor::engine_args::{eos_token_ids, EngineArgs};
 use pagemesh_executor::service::actor::ExecutorService;
 use pagemesh_gateway::service::{configure, count_requests, GatewayState};
-use pagemesh_scheduler::service::actor::{SchedulerConfig, SchedulerService};
+use pagemesh_scheduler::service::{SchedulerConfig, SchedulerService};
 use pagemesh_tokenizer::service::actor::{ModelInfo, TokenizerService};
 use pagemesh_tokenizer::service::prompt_renderer::PromptRenderer;
 

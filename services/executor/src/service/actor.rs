@@ -16,6 +16,7 @@ use pagemesh_bus::bus::Bus;
 use pagemesh_bus::listen::{listen, Subscription};
 use pagemesh_bus::parts::{Assembled, Assembler};
 use pagemesh_shared::limits;
+use pagemesh_shared::sessions::{SessionCheck, SessionHistory};
 use pagemesh_shared::step_delta::PlanMirror;
 
 /// How often an executor announces itself.
@@ -66,8 +67,8 @@ pub struct ExecutorService {
     worker: Addr<StepWorker>,
     /// Step messages sent in parts, put together.
     assembler: Assembler,
-    /// The scheduler session the mirror belongs to.
-    session: Option<u64>,
+    /// The scheduler session the mirror belongs to, and those left before it.
+    sessions: SessionHistory,
     /// What this executor has been told per sequence in that session.
     mirror: PlanMirror,
     /// The last step answered (session and answer): asked again (its answer was lost on the
@@ -102,7 +103,7 @@ impl ExecutorService {
             registration,
             worker,
             assembler: Assembler::new(MAX_STEP_BYTES),
-            session: None,
+            sessions: SessionHistory::default(),
             mirror: PlanMirror::new(),
             answered: None,
         }
@@ -153,14 +154,30 @@ impl ExecutorService {
             );
             return Err(StepReply::Failed(message));
         }
-        if self.session != Some(request.session) {
-            self.session = Some(request.session);
+        if self.sessions.check(request.session) == SessionCheck::New {
+            self.sessions.enter(request.session);
             self.mirror = PlanMirror::new();
         }
         self.mirror.decode(request.plan, limits::MAX_EXECUTOR_SEQUENCES).map_err(|e| {
             pagemesh_bus::refusals::refuse("executor", "step", &e.message);
             StepReply::Refused { message: e.message, seq_ids: e.seq_ids }
         })
+    }
+}
+
+impl ExecutorService {
+    /// Answers a step that does not run (a repeat, or a step of a left session).
+    fn answer_without_running(&mut self, ctx: &mut Context<Self>, reply: String, answer: StepResponse) {
+        let bus = self.bus.clone();
+        let endpoint = self.bus.subjects.executor_step(&self.registration.executor_id);
+        ctx.spawn(
+            async move {
+                if let Err(e) = bus.respond(&endpoint, reply, &answer).await {
+                    tracing::warn!("executor: cannot answer a step: {e}");
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 
@@ -179,6 +196,16 @@ impl StreamHandler<IncomingStep> for ExecutorService {
         let endpoint = self.bus.subjects.executor_step(&self.registration.executor_id);
         let request = bytes.and_then(|bytes| endpoint.requests().decode(&bytes).map_err(|e| e.to_string()));
         let incarnation = self.registration.incarnation;
+        if let Ok(request) = &request {
+            if self.sessions.check(request.session) == SessionCheck::Left {
+                // Late, from a session given up since: its blocks belong to the current one.
+                let message =
+                    format!("step {} is of session {}, which this executor has left", request.step, request.session);
+                let answer = StepResponse { incarnation, step: request.step, reply: StepReply::Failed(message) };
+                self.answer_without_running(ctx, reply.to_string(), answer);
+                return;
+            }
+        }
         if let (Ok(request), Some((session, taken))) = (&request, self.registration.step_taken) {
             let answered = self.registration.step_answered == Some((request.session, request.step));
             if request.session == session && request.step <= taken && !answered {
@@ -190,15 +217,8 @@ impl StreamHandler<IncomingStep> for ExecutorService {
         if let (Ok(request), Some((session, answer))) = (&request, &self.answered) {
             if (request.session, request.step, request.incarnation) == (*session, answer.step, incarnation) {
                 // Asked again: the answer went missing; the step already ran.
-                let (bus, answer) = (self.bus.clone(), answer.clone());
-                ctx.spawn(
-                    async move {
-                        if let Err(e) = bus.respond(&endpoint, reply.to_string(), &answer).await {
-                            tracing::warn!("executor: cannot answer a step: {e}");
-                        }
-                    }
-                    .into_actor(self),
-                );
+                let answer = answer.clone();
+                self.answer_without_running(ctx, reply.to_string(), answer);
                 return;
             }
         }

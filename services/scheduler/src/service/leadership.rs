@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use pagemesh_bus::bus::LinkState;
+use pagemesh_shared::link::LinkState;
 
 /// A scheduler's place in the order: older start first, then the smaller id.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

@@ -83,16 +83,16 @@ impl ExecutorMetrics {
     }
 
     /// A step goes out.
-    pub fn step_sent(&mut self, plan: &StepPlan) {
-        self.sent_at = Some(Instant::now());
+    pub fn step_sent(&mut self, plan: &StepPlan, now: Instant) {
+        self.sent_at = Some(now);
         self.batch_sequences.record(plan.seqs.len() as f64);
         self.batch_tokens.record(plan.num_tokens() as f64);
     }
 
-    /// A step came back and was fed to `core`.
-    pub fn step_done(&mut self, core: &Scheduler) {
+    /// A step came back at `now` and was fed to `core`.
+    pub fn step_done(&mut self, core: &Scheduler, now: Instant) {
         if let Some(sent) = self.sent_at.take() {
-            self.step_duration.record(sent.elapsed().as_secs_f64());
+            self.step_duration.record(now.saturating_duration_since(sent).as_secs_f64());
         }
         self.sync(core);
     }
@@ -272,9 +272,9 @@ pub struct RequestTiming {
 }
 
 impl RequestTiming {
-    /// A request arriving now.
-    pub fn arrived() -> Self {
-        Self { arrival: Instant::now(), first_scheduled: None, first_token: None, last_token: None }
+    /// A request arriving at `now`.
+    pub fn arrived(now: Instant) -> Self {
+        Self { arrival: now, first_scheduled: None, first_token: None, last_token: None }
     }
 
     /// A step runs the request (queue time, the first time).
@@ -300,9 +300,9 @@ impl RequestTiming {
         self.last_token = Some(now);
     }
 
-    /// The request ended on its executor.
-    pub fn finished(&self, metrics: &ModelMetrics) {
-        metrics.e2e.record(self.arrival.elapsed().as_secs_f64());
+    /// The request ended on its executor at `now`.
+    pub fn finished(&self, metrics: &ModelMetrics, now: Instant) {
+        metrics.e2e.record(now.saturating_duration_since(self.arrival).as_secs_f64());
     }
 }
 
@@ -317,14 +317,14 @@ mod tests {
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             let model = ModelMetrics::new("m");
-            let mut timing = RequestTiming::arrived();
             let t0 = Instant::now();
+            let mut timing = RequestTiming::arrived(t0);
             timing.scheduled(&model, t0);
             timing.scheduled(&model, t0);
             timing.tokens(&model, t0 + std::time::Duration::from_millis(30));
             timing.tokens(&model, t0 + std::time::Duration::from_millis(40));
             timing.tokens(&model, t0 + std::time::Duration::from_millis(50));
-            timing.finished(&model);
+            timing.finished(&model, t0 + std::time::Duration::from_millis(50));
             model.error(ErrorKind::Overloaded);
             model.error(ErrorKind::InvalidRequest);
         });
