@@ -347,7 +347,7 @@ fn receive(kind: &str, bytes: &[u8]) -> Depth {
         },
         "generate" => match wire_decode::<GenerateRequest>(kind, bytes) {
             Ok(request) => {
-                let params = &request.params;
+                let params = request.sampling.over(pagemesh_shared::SamplingParams::default());
                 depth(true, params.validate().and_then(|()| params.check_vocab(MODEL.vocab_size)).is_ok())
             }
             Err(_) => Depth::Undecodable,

@@ -1,10 +1,13 @@
 //! Types shared by every pagemesh service.
 //!
 //! * [`sampling`]: the per-request sampling parameters and their validation.
+//! * [`sampling_overrides`]: sampling parameters as a request gives them (unset ones take
+//!   the server's defaults).
 //! * [`step`]: the scheduler → executor step protocol (what to run, which blocks to
 //!   read, write, swap and copy) and the executor → scheduler step result.
 //! * [`config`]: engine configuration (cache geometry, batching limits, preemption mode).
 //! * [`output`]: what a request produces (tokens, logprobs, finish reasons).
+//! * [`field_errors`]: which field of a JSON object keeps it from reading as a type.
 //! * [`limits`]: bounds every receiver checks on what arrives over NATS.
 //! * [`link`]: whether a service's NATS link is up, to judge peers' silence.
 //! * [`protocol`]: the messages that cross NATS, public (JSON) and internal (versioned).
@@ -16,12 +19,14 @@
 
 pub mod chat_message;
 pub mod config;
+pub mod field_errors;
 pub mod limits;
 pub mod link;
 pub mod metrics;
 pub mod output;
 pub mod protocol;
 pub mod sampling;
+pub mod sampling_overrides;
 pub mod sessions;
 pub mod step;
 pub mod step_delta;

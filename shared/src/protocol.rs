@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat_message::ChatMessage;
 use crate::output::{FinishReason, SampledToken};
 use crate::sampling::SamplingParams;
+use crate::sampling_overrides::SamplingOverrides;
 use crate::step::StepOutput;
 
 /// The prompt of a generation request: text, token ids, or chat messages.
@@ -77,9 +78,10 @@ pub struct GenerateRequest {
     /// API key's (or the client address's) identity.
     #[serde(default)]
     pub user: Option<String>,
-    /// Sampling parameters, named as in the OpenAI API.
+    /// Sampling parameters, named as in the OpenAI API; those left out take the server's
+    /// defaults (`max_tokens`: 16 for a prompt, the rest of the context for `messages`).
     #[serde(flatten)]
-    pub params: SamplingParams,
+    pub sampling: SamplingOverrides,
 }
 
 /// Token counts of a request.
@@ -425,6 +427,16 @@ pub enum DetokenizerEvent {
     },
 }
 
+impl DetokenizerEvent {
+    /// The request it is about.
+    pub fn request_id(&self) -> &str {
+        match self {
+            Self::Open(open) => &open.request_id,
+            Self::Tokens { request_id, .. } | Self::Finish { request_id, .. } => request_id,
+        }
+    }
+}
+
 /// Internal (v1): everything a detokenizer needs to serve a request's stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpenRequest {
@@ -567,7 +579,8 @@ mod tests {
         let r: GenerateRequest =
             serde_json::from_str(r#"{"prompt": "Hi", "max_tokens": 4, "temperature": 0, "stop": "x"}"#).unwrap();
         assert_eq!(r.prompt, Some(Prompt::Text("Hi".into())));
-        assert_eq!(r.params.max_tokens, 4);
+        assert_eq!(r.sampling.max_tokens, Some(4));
+        assert_eq!(r.sampling.top_p, None, "left to the server");
         assert_eq!(r.stop.map(StopStrings::into_vec), Some(vec!["x".to_string()]));
         let ids: GenerateRequest = serde_json::from_str(r#"{"prompt": [1, 2, 3]}"#).unwrap();
         assert_eq!(ids.prompt, Some(Prompt::Ids(vec![1, 2, 3])));

@@ -69,7 +69,9 @@ impl Default for SamplingParams {
 /// Reads `logit_bias` keys as token ids, whether the map comes straight from JSON or through
 /// a flattened request (where serde hands keys over as strings).
 /// (MessagePack, on internal subjects, keeps them as integers).
-fn logit_bias_from_json<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<u32, f32>, D::Error> {
+pub(crate) fn logit_bias_from_json<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<u32, f32>, D::Error> {
     /// A key as it arrives: a token id, or its decimal text.
     #[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
     #[serde(untagged)]

@@ -8,8 +8,8 @@
 use serde_json::Value;
 
 use crate::protocol::{
-    AbortRequest, DetokenizerAck, DetokenizerMessage, ExecutorRegistration, Heartbeat, SchedulerHeartbeat, StepRequest,
-    StepResponse, StreamReport, StreamReportRequest, SubmitAck, SubmitRequest,
+    AbortRequest, DetokenizerAck, DetokenizerMessage, ExecutorRegistration, GenerateRequest, Heartbeat,
+    SchedulerHeartbeat, StepRequest, StepResponse, StreamReport, StreamReportRequest, SubmitAck, SubmitRequest,
 };
 use crate::wire::{Encoding, Endpoint, Topic};
 
@@ -35,7 +35,7 @@ impl Subjects {
 
     /// Public: a generation request (JSON, as `docs/protocol.md` describes it); chunks, or an
     /// error, go to its reply inbox.
-    pub fn generate(&self) -> Topic<Value> {
+    pub fn generate(&self) -> Topic<GenerateRequest> {
         self.public("generate")
     }
     /// Public: abort a request by id.

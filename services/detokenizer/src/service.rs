@@ -361,6 +361,7 @@ impl DetokenizerService {
     /// Counts a request that ended.
     fn record_end(&self, stream: &RequestStream) {
         let reason = stream.finish_reason();
+        tracing::debug!(finish = reason.as_str(), chunks = stream.next_index, "detokenizer: stream ended");
         self.finished_counter(reason).increment(1);
         if reason == FinishReason::Abort {
             metrics::counter!(names::REQUESTS_ABORTED, labels::MODEL => self.model.clone()).increment(1);
@@ -395,6 +396,11 @@ impl DetokenizerService {
                     stream.resume(&self.tokenizer, point);
                 }
                 self.unknown.opened(&stream.open.request_id);
+                tracing::debug!(
+                    samples = stream.samples.len(),
+                    resumed = resume.is_some(),
+                    "detokenizer: stream opened"
+                );
                 self.streams.insert(stream.open.request_id.clone(), stream);
                 None
             }
@@ -596,19 +602,22 @@ impl DetokenizerService {
         // Chunks of one request are published in order from this actor's context.
         ctx.wait(
             async move {
+                // Everything for the client names the request in its headers.
                 if let Some((reply_to, error)) = error {
-                    let _ = bus.publish(&Topic::json(reply_to), &error).await;
+                    let about = error.request_id.clone().unwrap_or_default();
+                    let _ = bus.publish_about(&Topic::json(reply_to), &error, &about).await;
                 }
                 let Some(output) = output else { return };
                 let inbox = Topic::json(output.reply_to.clone());
                 for chunk in &output.chunks {
-                    if let Err(e) = bus.publish(&inbox, chunk).await {
+                    if let Err(e) = bus.publish_about(&inbox, chunk, &chunk.request_id).await {
                         tracing::warn!("detokenizer: cannot publish a chunk: {e}");
                     }
                 }
+                let request_id = output.ack.request_id.clone();
                 if output.abort {
-                    let abort = AbortRequest { request_id: output.ack.request_id.clone() };
-                    let _ = bus.publish(&bus.subjects.scheduler_abort(), &abort).await;
+                    let abort = AbortRequest { request_id: request_id.clone() };
+                    let _ = bus.publish_about(&bus.subjects.scheduler_abort(), &abort, &request_id).await;
                 }
                 // After the chunks: the scheduler learns how far the stream got.
                 let _ = bus.publish(&bus.subjects.detokenizer_ack(), &output.ack).await;
@@ -633,7 +642,11 @@ impl DetokenizerService {
                 for event in message.events {
                     // Each event is checked on its own: a bad one does not take the others down.
                     match limits::check_detokenizer_event(&event).and_then(|()| self.check_capacity(&event)) {
-                        Ok(()) => self.process(event, ctx),
+                        Ok(()) => {
+                            let span = pagemesh_bus::request_span!(event.request_id());
+                            let _entered = span.enter();
+                            self.process(event, ctx)
+                        }
                         Err(e) => refuse("detokenizer", "event", &e),
                     }
                 }

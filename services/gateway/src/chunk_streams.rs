@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use futures::stream::{self, SelectAll};
 use futures::{Stream, StreamExt};
-use pagemesh_shared::protocol::{AbortRequest, Chunk, ErrorKind, ErrorReply, ReplyMessage, Usage};
-use serde_json::Value;
+use pagemesh_shared::protocol::{AbortRequest, Chunk, ErrorKind, ErrorReply, GenerateRequest, ReplyMessage, Usage};
 
 use pagemesh_bus::bus::Bus;
 
@@ -27,11 +26,14 @@ type TaggedChunkStream = Pin<Box<dyn Stream<Item = (usize, Result<Chunk, ErrorRe
 
 /// Sends `<prefix>.generate` for `request` and returns its chunks, in order, ending after the
 /// `done` chunk (or an error).
-async fn open_one(bus: &Bus, request: &Value) -> Result<ChunkStream, ErrorReply> {
+async fn open_one(bus: &Bus, request: &GenerateRequest) -> Result<ChunkStream, ErrorReply> {
     let unavailable = |message: String| ErrorReply::new(None, ErrorKind::Unavailable, message);
     let inbox = bus.client.new_inbox();
     let subscriber = bus.client.subscribe(inbox.clone()).await.map_err(|e| unavailable(format!("NATS: {e}")))?;
-    bus.publish_with_reply(&bus.subjects.generate(), inbox, request).await.map_err(|e| unavailable(e.to_string()))?;
+    let id = request.request_id.as_deref().unwrap_or_default();
+    bus.publish_with_reply_about(&bus.subjects.generate(), inbox, request, id)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
     let mut next_index = 0u64;
     let chunks = stream::unfold((subscriber, false), move |(mut sub, done)| async move {
         if done {
@@ -144,7 +146,8 @@ impl Drop for Merger {
         let Some(bus) = self.bus.take().filter(|_| !unfinished.is_empty()) else { return };
         actix_web::rt::spawn(async move {
             for request_id in unfinished {
-                let _ = bus.publish(&bus.subjects.scheduler_abort(), &AbortRequest { request_id }).await;
+                let abort = AbortRequest { request_id: request_id.clone() };
+                let _ = bus.publish_about(&bus.subjects.scheduler_abort(), &abort, &request_id).await;
             }
         });
     }
@@ -155,13 +158,10 @@ impl Drop for Merger {
 pub async fn open(
     bus: &Bus,
     request_id: &str,
-    requests: &[Value],
+    requests: &[GenerateRequest],
     samples_per_prompt: usize,
 ) -> Result<ChunkStream, ErrorReply> {
-    let ids = requests
-        .iter()
-        .map(|r| r.get("request_id").and_then(Value::as_str).unwrap_or(request_id).to_string())
-        .collect::<Vec<_>>();
+    let ids = requests.iter().map(|r| r.request_id.clone().unwrap_or_else(|| request_id.to_string())).collect();
     // Built first, so that a failure half-way aborts what was already sent.
     let merger = Merger::new(Some(bus.clone()), request_id, ids, samples_per_prompt);
     let mut streams: SelectAll<TaggedChunkStream> = SelectAll::new();

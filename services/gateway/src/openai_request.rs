@@ -1,37 +1,25 @@
-//! OpenAI request bodies turned into mesh generation requests (`<prefix>.generate`), with
-//! OpenAI-style errors for anything the mesh would not accept.
+//! OpenAI request bodies, read into typed structs ([`CompletionRequest`],
+//! [`ChatCompletionRequest`]) and turned into the mesh's public generation requests
+//! ([`GenerateRequest`]), with OpenAI-style errors naming the field for anything the mesh
+//! would not accept.
 //!
 //! A completion whose `prompt` is a list of prompts fans out into one mesh request per
 //! prompt; their choices are numbered prompt by prompt, `n` per prompt (as vLLM does).
 
 use actix_web::web::Bytes;
+use pagemesh_shared::field_errors::field_error;
+use pagemesh_shared::protocol::{GenerateRequest, Prompt, StopStrings};
+use pagemesh_shared::sampling_overrides::SamplingOverrides;
 use pagemesh_shared::ChatMessage;
-use serde_json::{json, Map, Value};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 /// Most prompts one completion request may carry.
 pub const MAX_PROMPTS_PER_REQUEST: usize = 1024;
 
-/// Fields both endpoints pass through to the mesh under the same name.
-const SAMPLING_FIELDS: &[&str] = &[
-    "n",
-    "max_tokens",
-    "min_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "stop_token_ids",
-    "ignore_eos",
-    "logit_bias",
-];
-/// Fields both endpoints pass through to the mesh that shape the text (vLLM's names).
-const TEXT_FIELDS: &[&str] = &["skip_special_tokens", "include_stop_str_in_output"];
-/// Fields accepted and ignored (OpenAI fields without effect here).
-const IGNORED_FIELDS: &[&str] = &["user", "stream_options", "spaces_between_special_tokens"];
+/// `max_tokens` of a completion that does not say (OpenAI's default).
+const DEFAULT_COMPLETION_TOKENS: usize = 16;
 
 /// A request refused before it reaches the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +48,92 @@ pub fn parse_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// `stream_options` of either endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamOptions {
+    /// A last chunk with the usage.
+    pub include_usage: Option<bool>,
+    /// vLLM's: the usage so far on every chunk.
+    pub continuous_usage_stats: Option<bool>,
+}
+
+/// The prompt of a completion: one (text or token ids), or a list of them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum CompletionPrompt {
+    /// One prompt.
+    One(Prompt),
+    /// Several, each answered with its own `n` choices.
+    Many(Vec<Prompt>),
+}
+
+/// The fields both endpoints take besides their prompt and sampling parameters.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct CommonFields {
+    /// The model (checked by the mesh when given).
+    pub model: Option<String>,
+    /// Stream server-sent events.
+    pub stream: Option<bool>,
+    /// Usage in the stream.
+    pub stream_options: Option<StreamOptions>,
+    /// Stop strings.
+    pub stop: Option<StopStrings>,
+    /// vLLM's: leave special tokens out of the text.
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM's: end the text with the stop string that ended it.
+    pub include_stop_str_in_output: Option<bool>,
+    /// OpenAI's end-user id (fairness goes by API key instead).
+    pub user: Option<String>,
+    /// vLLM's; without effect here.
+    pub spaces_between_special_tokens: Option<bool>,
+}
+
+/// A `/v1/completions` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompletionRequest {
+    /// What to complete.
+    pub prompt: Option<CompletionPrompt>,
+    /// Echo the prompt (refused unless false).
+    pub echo: Option<bool>,
+    /// Log-probabilities of this many alternatives per token.
+    pub logprobs: Option<usize>,
+    /// Candidates to choose from (only `n` is served).
+    pub best_of: Option<usize>,
+    /// Text after the completion (refused).
+    pub suffix: Option<String>,
+    /// The fields both endpoints take.
+    #[serde(flatten)]
+    pub common: CommonFields,
+    /// The sampling parameters given.
+    #[serde(flatten)]
+    pub sampling: SamplingOverrides,
+}
+
+/// A `/v1/chat/completions` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatCompletionRequest {
+    /// The conversation.
+    pub messages: Option<Vec<ChatMessage>>,
+    /// OpenAI's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<usize>,
+    /// End the rendered prompt with the assistant's turn (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Log-probabilities of the chosen tokens.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: this many alternatives per token.
+    pub top_logprobs: Option<usize>,
+    /// The fields both endpoints take.
+    #[serde(flatten)]
+    pub common: CommonFields,
+    /// The sampling parameters given.
+    #[serde(flatten)]
+    pub sampling: SamplingOverrides,
+}
+
 /// The two generating endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -73,9 +147,13 @@ pub enum Endpoint {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
     /// One mesh request per prompt (a chat has one), each with its own `request_id`.
-    pub requests: Vec<Value>,
+    pub requests: Vec<GenerateRequest>,
+    /// The model named (empty when none).
+    pub model: String,
     /// Whether the answer streams as server-sent events.
     pub stream: bool,
+    /// What the stream carries besides the chunks.
+    pub stream_options: StreamOptions,
     /// Samples per prompt (`n`).
     pub samples_per_prompt: usize,
     /// Whether log-probabilities were asked for.
@@ -89,172 +167,159 @@ impl Generation {
     }
 }
 
+/// What fields of several forms must be, for errors about them.
+const FORMS: &[(&str, &str)] = &[
+    ("prompt", "`prompt` must be a string, a list of token ids, or a list of those"),
+    ("stop", "`stop` must be a string or a list of strings"),
+];
+
+/// Reads a body as `T`; an error names the field it is about.
+fn read<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(Value::Object(body.clone())).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        let unknown = inner.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next());
+        let field = path.split(['.', '[']).next().unwrap_or_default().to_string();
+        if let Some(field) = unknown {
+            return bad_request(format!("unknown field `{field}`"), Some(field));
+        }
+        if let Some((_, form)) = FORMS.iter().find(|(name, _)| *name == field) {
+            return bad_request(*form, Some(&field));
+        }
+        if path == "." || path == "?" {
+            // A field read through `flatten`, which loses its path.
+            return match field_error::<T>(body) {
+                Some((field, why)) => bad_request(format!("{field}: {why}"), Some(&field)),
+                None => bad_request(inner, None),
+            };
+        }
+        bad_request(format!("{path}: {inner}"), Some(&field))
+    })
+}
+
 /// Translates an OpenAI body into mesh generation requests. With one prompt the mesh request
 /// carries `request_id` itself; with several, `<request_id>-<k>` for prompt `k`.
 pub fn to_generate(endpoint: Endpoint, body: &Map<String, Value>, request_id: &str) -> Result<Generation, ApiError> {
-    let mut out = Map::new();
-    let own: &[&str] = match endpoint {
-        Endpoint::Completions => &["model", "prompt", "stream", "stop", "echo", "logprobs", "best_of", "suffix"],
-        Endpoint::Chat => &[
-            "model",
-            "messages",
-            "stream",
-            "stop",
-            "max_completion_tokens",
-            "add_generation_prompt",
-            "logprobs",
-            "top_logprobs",
-        ],
-    };
-    for (key, value) in body {
-        let passed = SAMPLING_FIELDS.contains(&key.as_str()) || TEXT_FIELDS.contains(&key.as_str());
-        let known = passed || own.contains(&key.as_str()) || IGNORED_FIELDS.contains(&key.as_str());
-        if !known {
-            return Err(bad_request(format!("unknown field `{key}`"), Some(key)));
-        }
-        if passed && !value.is_null() {
-            out.insert(key.clone(), value.clone());
-        }
+    match endpoint {
+        Endpoint::Completions => completion(read(body)?, request_id),
+        Endpoint::Chat => chat(read(body)?, request_id),
     }
-    if let Some(model) = body.get("model").filter(|v| !v.is_null()) {
-        if !model.is_string() {
-            return Err(bad_request("`model` must be a string", Some("model")));
-        }
-        out.insert("model".into(), model.clone());
-    }
-    if let Some(stop) = body.get("stop").filter(|v| !v.is_null()) {
-        out.insert("stop".into(), stop.clone());
-    }
-    let stream = match body.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad_request("`stream` must be a boolean", Some("stream"))),
-    };
-    let prompts = match endpoint {
-        Endpoint::Completions => {
-            completion_fields(body, &mut out)?;
-            prompts(body.get("prompt"))?
-        }
-        Endpoint::Chat => {
-            chat_fields(body, &mut out)?;
-            Vec::new()
-        }
-    };
-    let samples_per_prompt = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
-    let with_logprobs = out.contains_key("logprobs");
-    let requests = if prompts.is_empty() {
-        out.insert("request_id".into(), json!(request_id));
-        vec![Value::Object(out)]
-    } else {
-        let single = prompts.len() == 1;
-        prompts
-            .into_iter()
-            .enumerate()
-            .map(|(k, prompt)| {
-                let mut request = out.clone();
-                let id = if single { request_id.to_string() } else { format!("{request_id}-{k}") };
-                request.insert("request_id".into(), json!(id));
-                request.insert("prompt".into(), prompt);
-                Value::Object(request)
-            })
-            .collect()
-    };
-    Ok(Generation { requests, stream, samples_per_prompt, with_logprobs })
 }
 
-/// The completion-only fields (everything but the prompt).
-fn completion_fields(body: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), ApiError> {
-    if body.get("echo").is_some_and(|v| v.as_bool() == Some(true)) {
+impl CommonFields {
+    /// A mesh request with these fields (no prompt yet).
+    fn mesh_request(&self, request_id: String, sampling: SamplingOverrides) -> GenerateRequest {
+        GenerateRequest {
+            request_id: Some(request_id),
+            model: self.model.clone(),
+            prompt: None,
+            messages: None,
+            add_generation_prompt: None,
+            stop: self.stop.clone(),
+            stream: None,
+            skip_special_tokens: self.skip_special_tokens,
+            include_stop_str_in_output: self.include_stop_str_in_output,
+            user: None,
+            sampling,
+        }
+    }
+
+    /// What the HTTP request becomes, with these fields.
+    fn generation(self, requests: Vec<GenerateRequest>, samples_per_prompt: usize, with_logprobs: bool) -> Generation {
+        Generation {
+            requests,
+            model: self.model.unwrap_or_default(),
+            stream: self.stream.unwrap_or(false),
+            stream_options: self.stream_options.unwrap_or_default(),
+            samples_per_prompt: samples_per_prompt.max(1),
+            with_logprobs,
+        }
+    }
+}
+
+/// The mesh requests of a completion.
+fn completion(body: CompletionRequest, request_id: &str) -> Result<Generation, ApiError> {
+    if body.echo == Some(true) {
         return Err(bad_request("`echo` is not supported", Some("echo")));
     }
-    if body.get("suffix").is_some_and(|v| !v.is_null()) {
+    if body.suffix.is_some() {
         return Err(bad_request("`suffix` is not supported", Some("suffix")));
     }
-    if let Some(best_of) = body.get("best_of").filter(|v| !v.is_null()) {
-        let n = body.get("n").and_then(Value::as_u64).unwrap_or(1);
-        if best_of.as_u64() != Some(n) {
-            return Err(bad_request("`best_of` other than `n` is not supported", Some("best_of")));
-        }
+    let n = body.sampling.n.unwrap_or(1);
+    if body.best_of.is_some_and(|best_of| best_of != n) {
+        return Err(bad_request("`best_of` other than `n` is not supported", Some("best_of")));
     }
-    match body.get("logprobs") {
-        None | Some(Value::Null) => {}
-        Some(v) if v.is_u64() => {
-            out.insert("logprobs".into(), v.clone());
-        }
-        Some(_) => return Err(bad_request("`logprobs` must be a non-negative integer", Some("logprobs"))),
-    }
-    if !out.contains_key("max_tokens") {
-        out.insert("max_tokens".into(), json!(16));
-    }
-    Ok(())
+    let prompts = prompts(body.prompt)?;
+    let mut sampling = body.sampling;
+    sampling.logprobs = body.logprobs;
+    sampling.max_tokens = sampling.max_tokens.or(Some(DEFAULT_COMPLETION_TOKENS));
+    let single = prompts.len() == 1;
+    let requests = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(k, prompt)| {
+            let id = if single { request_id.to_string() } else { format!("{request_id}-{k}") };
+            GenerateRequest { prompt: Some(prompt), ..body.common.mesh_request(id, sampling.clone()) }
+        })
+        .collect();
+    Ok(body.common.generation(requests, n, body.logprobs.is_some()))
 }
 
 /// The prompts of a completion: a string, a list of token ids, or a non-empty list of either.
-fn prompts(prompt: Option<&Value>) -> Result<Vec<Value>, ApiError> {
-    let wrong = || bad_request("`prompt` must be a string, a list of token ids, or a list of those", Some("prompt"));
-    let is_token_ids = |items: &[Value]| !items.is_empty() && items.iter().all(Value::is_u64);
-    match prompt {
-        Some(Value::String(s)) => Ok(vec![json!(s)]),
-        Some(Value::Array(items)) if is_token_ids(items) => Ok(vec![Value::Array(items.clone())]),
-        Some(Value::Array(items)) if items.is_empty() => Err(bad_request("`prompt` is an empty list", Some("prompt"))),
-        Some(Value::Array(items)) if items.len() > MAX_PROMPTS_PER_REQUEST => Err(bad_request(
-            format!("{} prompts in one request; at most {MAX_PROMPTS_PER_REQUEST} are accepted", items.len()),
-            Some("prompt"),
-        )),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|item| match item {
-                Value::String(_) => Ok(item.clone()),
-                Value::Array(ids) if is_token_ids(ids) => Ok(item.clone()),
-                _ => Err(wrong()),
-            })
-            .collect(),
-        None | Some(Value::Null) => Err(bad_request("missing `prompt`", Some("prompt"))),
-        Some(_) => Err(wrong()),
-    }
-}
-
-/// The chat-only fields.
-fn chat_fields(body: &Map<String, Value>, out: &mut Map<String, Value>) -> Result<(), ApiError> {
-    match body.get("messages") {
-        Some(Value::Array(items)) => {
-            let mut messages = Vec::with_capacity(items.len());
-            for (i, m) in items.iter().enumerate() {
-                messages
-                    .push(chat_message(m).map_err(|e| bad_request(format!("messages[{i}]: {e}"), Some("messages")))?);
-            }
-            out.insert("messages".into(), Value::Array(messages));
+fn prompts(prompt: Option<CompletionPrompt>) -> Result<Vec<Prompt>, ApiError> {
+    let prompts = match prompt {
+        None => return Err(bad_request("missing `prompt`", Some("prompt"))),
+        Some(CompletionPrompt::One(one)) => vec![one],
+        Some(CompletionPrompt::Many(many)) if many.is_empty() => {
+            return Err(bad_request("`prompt` is an empty list", Some("prompt")))
         }
-        None | Some(Value::Null) => return Err(bad_request("missing `messages`", Some("messages"))),
-        Some(_) => return Err(bad_request("`messages` must be a list", Some("messages"))),
+        Some(CompletionPrompt::Many(many)) if many.len() > MAX_PROMPTS_PER_REQUEST => {
+            let message =
+                format!("{} prompts in one request; at most {MAX_PROMPTS_PER_REQUEST} are accepted", many.len());
+            return Err(bad_request(message, Some("prompt")));
+        }
+        Some(CompletionPrompt::Many(many)) => many,
+    };
+    if prompts.iter().any(|p| matches!(p, Prompt::Ids(ids) if ids.is_empty())) {
+        return Err(bad_request("`prompt` is an empty list", Some("prompt")));
     }
-    if let Some(v) = body.get("max_completion_tokens").filter(|v| !v.is_null()) {
-        out.insert("max_tokens".into(), v.clone());
-    }
-    if let Some(v) = body.get("add_generation_prompt").filter(|v| !v.is_null()) {
-        out.insert("add_generation_prompt".into(), v.clone());
-    }
-    if body.get("logprobs").and_then(Value::as_bool) == Some(true) {
-        let top = body.get("top_logprobs").and_then(Value::as_u64).unwrap_or(0);
-        out.insert("logprobs".into(), json!(top));
-    }
-    Ok(())
+    Ok(prompts)
 }
 
-/// A message as the project's one chat-message type reads it (role, and content as a string,
-/// null or text parts), written back as the mesh's JSON.
-fn chat_message(m: &Value) -> Result<Value, String> {
-    let message: ChatMessage = serde_json::from_value(m.clone()).map_err(|e| e.to_string())?;
-    serde_json::to_value(message).map_err(|e| e.to_string())
+/// The mesh request of a chat.
+fn chat(body: ChatCompletionRequest, request_id: &str) -> Result<Generation, ApiError> {
+    let messages = match body.messages {
+        None => return Err(bad_request("missing `messages`", Some("messages"))),
+        Some(messages) if messages.is_empty() => {
+            return Err(bad_request("`messages` must not be empty", Some("messages")))
+        }
+        Some(messages) => messages,
+    };
+    let mut sampling = body.sampling;
+    sampling.max_tokens = sampling.max_tokens.or(body.max_completion_tokens);
+    let with_logprobs = body.logprobs == Some(true);
+    sampling.logprobs = with_logprobs.then(|| body.top_logprobs.unwrap_or(0));
+    let n = sampling.n.unwrap_or(1);
+    let request = GenerateRequest {
+        messages: Some(messages),
+        add_generation_prompt: body.add_generation_prompt,
+        ..body.common.mesh_request(request_id.to_string(), sampling)
+    };
+    Ok(body.common.generation(vec![request], n, with_logprobs))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn object(body: Value) -> Map<String, Value> {
+        let Value::Object(map) = body else { panic!("test bodies are objects") };
+        map
+    }
 
     fn completion(body: Value) -> Result<Generation, ApiError> {
-        let Value::Object(map) = body else { panic!("test bodies are objects") };
-        to_generate(Endpoint::Completions, &map, "cmpl-1")
+        to_generate(Endpoint::Completions, &object(body), "cmpl-1")
     }
 
     #[test]
@@ -263,10 +328,10 @@ mod tests {
             {"role": "system", "content": null},
             {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}], "name": "x"},
         ]});
-        let Value::Object(map) = body else { unreachable!() };
-        let g = to_generate(Endpoint::Chat, &map, "chat-1").expect("valid");
+        let g = to_generate(Endpoint::Chat, &object(body), "chat-1").expect("valid");
+        let messages = g.requests[0].messages.as_ref().expect("messages");
         assert_eq!(
-            g.requests[0]["messages"],
+            serde_json::to_value(messages).expect("serializable"),
             json!([{"role": "system", "content": ""}, {"role": "user", "content": "Hi there"}])
         );
         for (bad, why) in [
@@ -274,11 +339,28 @@ mod tests {
             (json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), "image_url"),
             (json!([{"role": "user", "content": 7}]), "a string, null, or a list"),
         ] {
-            let Value::Object(map) = json!({"messages": bad}) else { unreachable!() };
-            let e = to_generate(Endpoint::Chat, &map, "chat-1").expect_err("refused");
-            assert!(e.message.starts_with("messages[0]: ") && e.message.contains(why), "{}", e.message);
+            let e = to_generate(Endpoint::Chat, &object(json!({"messages": bad})), "chat-1").expect_err("refused");
+            assert!(e.message.starts_with("messages[0]") && e.message.contains(why), "{}", e.message);
             assert_eq!(e.param.as_deref(), Some("messages"));
         }
+        let e = to_generate(Endpoint::Chat, &object(json!({"messages": []})), "chat-1").expect_err("refused");
+        assert_eq!((e.message.as_str(), e.param.as_deref()), ("`messages` must not be empty", Some("messages")));
+    }
+
+    #[test]
+    fn chat_sampling_fields_map_to_the_mesh_s() {
+        let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 9,
+                          "logprobs": true, "top_logprobs": 3, "temperature": 0, "stream": true,
+                          "stream_options": {"include_usage": true}});
+        let g = to_generate(Endpoint::Chat, &object(body), "chat-1").expect("valid");
+        let sampling = &g.requests[0].sampling;
+        assert_eq!((sampling.max_tokens, sampling.logprobs, sampling.temperature), (Some(9), Some(3), Some(0.0)));
+        assert!(g.stream && g.with_logprobs && g.stream_options.include_usage == Some(true));
+        // Without max_tokens the mesh decides (the rest of the context): nothing is sent.
+        let g = to_generate(Endpoint::Chat, &object(json!({"messages": [{"role": "user", "content": "Hi"}]})), "c")
+            .expect("valid");
+        let wire = serde_json::to_value(&g.requests[0]).expect("serializable");
+        assert!(wire.get("max_tokens").is_none(), "{wire}");
     }
 
     #[test]
@@ -286,8 +368,9 @@ mod tests {
         for prompt in [json!("Once"), json!([1, 2, 3]), json!(["Once"]), json!([[1, 2, 3]])] {
             let g = completion(json!({"prompt": prompt, "n": 2})).expect("valid");
             assert_eq!(g.requests.len(), 1);
-            assert_eq!(g.requests[0]["request_id"], "cmpl-1");
+            assert_eq!(g.requests[0].request_id.as_deref(), Some("cmpl-1"));
             assert_eq!(g.num_choices(), 2);
+            assert_eq!(g.requests[0].sampling.max_tokens, Some(DEFAULT_COMPLETION_TOKENS));
         }
     }
 
@@ -295,27 +378,49 @@ mod tests {
     fn a_list_of_prompts_fans_out_with_numbered_ids_and_shared_sampling() {
         let g = completion(json!({"prompt": ["a", [5, 6], "c"], "n": 2, "max_tokens": 7, "temperature": 0.5}))
             .expect("valid");
-        let ids: Vec<_> = g.requests.iter().map(|r| r["request_id"].clone()).collect();
-        assert_eq!(ids, [json!("cmpl-1-0"), json!("cmpl-1-1"), json!("cmpl-1-2")]);
-        let prompts: Vec<_> = g.requests.iter().map(|r| r["prompt"].clone()).collect();
-        assert_eq!(prompts, [json!("a"), json!([5, 6]), json!("c")]);
-        assert!(g.requests.iter().all(|r| r["max_tokens"] == 7 && r["temperature"] == 0.5 && r["n"] == 2));
+        let ids: Vec<_> = g.requests.iter().map(|r| r.request_id.clone().unwrap_or_default()).collect();
+        assert_eq!(ids, ["cmpl-1-0", "cmpl-1-1", "cmpl-1-2"]);
+        let prompts: Vec<_> = g.requests.iter().map(|r| r.prompt.clone()).collect();
+        assert_eq!(
+            prompts,
+            [Some(Prompt::Text("a".into())), Some(Prompt::Ids(vec![5, 6])), Some(Prompt::Text("c".into()))]
+        );
+        assert!(g.requests.iter().all(|r| r.sampling.max_tokens == Some(7)
+            && r.sampling.temperature == Some(0.5)
+            && r.sampling.n == Some(2)));
         assert_eq!(g.num_choices(), 6);
-        // Text options pass through; ignored fields do not.
+        // Text options pass through; the client's `user` does not (fairness goes by API key).
         let text = completion(json!({"prompt": "a", "skip_special_tokens": false, "include_stop_str_in_output": true,
-                                  "user": "ignored"}))
+                                  "user": "someone"}))
         .expect("valid");
-        assert_eq!(text.requests[0]["skip_special_tokens"], false);
-        assert_eq!(text.requests[0]["include_stop_str_in_output"], true);
-        assert!(text.requests[0].get("user").is_none());
+        assert_eq!(text.requests[0].skip_special_tokens, Some(false));
+        assert_eq!(text.requests[0].include_stop_str_in_output, Some(true));
+        assert!(text.requests[0].user.is_none());
     }
 
     #[test]
     fn malformed_prompt_lists_are_refused() {
         let too_many = vec![json!("x"); MAX_PROMPTS_PER_REQUEST + 1];
-        for prompt in [json!([]), json!(["a", 3]), json!([["a"]]), json!([[]]), json!([-1]), json!(too_many)] {
+        for prompt in [json!([]), json!(["a", 3]), json!([["a"]]), json!([[]]), json!([-1]), json!(too_many), json!(7)]
+        {
             let e = completion(json!({ "prompt": prompt })).expect_err("refused");
-            assert_eq!((e.status, e.param.as_deref()), (400, Some("prompt")), "{prompt}");
+            assert_eq!((e.status, e.param.as_deref()), (400, Some("prompt")), "{prompt}: {}", e.message);
         }
+        let e = completion(json!({})).expect_err("refused");
+        assert_eq!((e.message.as_str(), e.param.as_deref()), ("missing `prompt`", Some("prompt")));
+    }
+
+    #[test]
+    fn wrong_and_unknown_fields_are_named() {
+        let e = completion(json!({"prompt": "a", "frobnicate": 1})).expect_err("refused");
+        assert_eq!((e.message.as_str(), e.param.as_deref()), ("unknown field `frobnicate`", Some("frobnicate")));
+        let e = completion(json!({"prompt": "a", "stream": "yes"})).expect_err("refused");
+        assert_eq!(e.param.as_deref(), Some("stream"), "{}", e.message);
+        let e = completion(json!({"prompt": "a", "temperature": "hot"})).expect_err("refused");
+        assert!(e.message.contains("temperature"), "{}", e.message);
+        let e = completion(json!({"prompt": "a", "echo": true})).expect_err("refused");
+        assert_eq!(e.param.as_deref(), Some("echo"));
+        let e = completion(json!({"prompt": "a", "n": 2, "best_of": 3})).expect_err("refused");
+        assert_eq!(e.param.as_deref(), Some("best_of"));
     }
 }

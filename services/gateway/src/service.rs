@@ -20,6 +20,7 @@ use pagemesh_shared::wire::Endpoint as BusEndpoint;
 use pagemesh_shared::FinishReason;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tracing::Instrument;
 
 use crate::chunk_streams::{self, ChunkStream};
 use crate::http_guard;
@@ -191,31 +192,51 @@ async fn authorized_object(
     parse_object(&body).map_err(|e| api_error(&e))
 }
 
+/// A generation request, handled in the span of its id (which every service it reaches logs
+/// it under).
 async fn generate(
     state: web::Data<GatewayState>,
     req: HttpRequest,
     payload: web::Payload,
     endpoint: Endpoint,
 ) -> HttpResponse {
-    let body = match authorized_object(&state, &req, payload).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
     let prefix = match endpoint {
         Endpoint::Completions => "cmpl",
         Endpoint::Chat => "chatcmpl",
     };
     let request_id = format!("{prefix}-{}", new_id());
+    let span = pagemesh_bus::request_span!(request_id);
+    generate_request(state, req, payload, endpoint, request_id).instrument(span).await
+}
+
+async fn generate_request(
+    state: web::Data<GatewayState>,
+    req: HttpRequest,
+    payload: web::Payload,
+    endpoint: Endpoint,
+    request_id: String,
+) -> HttpResponse {
+    let body = match authorized_object(&state, &req, payload).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let mut generation = match to_generate(endpoint, &body, &request_id) {
         Ok(g) => g,
-        Err(r) => return api_error(&r),
+        Err(r) => {
+            tracing::debug!(error = %r.message, "gateway: request refused");
+            return api_error(&r);
+        }
     };
+    tracing::debug!(
+        ?endpoint,
+        choices = generation.num_choices(),
+        stream = generation.stream,
+        "gateway: request accepted"
+    );
     // Waiting requests are taken round robin across API keys (or client addresses).
     let user = fairness_identity(&state, &req);
     for request in &mut generation.requests {
-        if let Some(object) = request.as_object_mut() {
-            object.insert("user".into(), json!(user));
-        }
+        request.user = Some(user.clone());
     }
     if generation.num_choices() > state.max_fanout {
         let message = format!(
@@ -236,16 +257,16 @@ async fn generate(
         Some(Err(e)) => return from_reply(&e),
         None => return error_response(503, "service_unavailable", "the mesh closed the stream", None),
     };
-    let model = body.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()).unwrap_or("pagemesh");
+    let model = if generation.model.is_empty() { "pagemesh".to_string() } else { generation.model.clone() };
     let answer = Answer {
         request_id,
-        model: model.to_string(),
+        model,
         created: now(),
         endpoint,
         num_choices: generation.num_choices(),
         with_logprobs: generation.with_logprobs,
-        include_usage: stream_option(&body, "include_usage"),
-        continuous_usage: stream_option(&body, "continuous_usage_stats"),
+        include_usage: generation.stream_options.include_usage.unwrap_or(false),
+        continuous_usage: generation.stream_options.continuous_usage_stats.unwrap_or(false),
     };
     if generation.stream {
         stream_answer(answer, first, chunks)
@@ -263,11 +284,6 @@ async fn generate(
             () = gone => error_response(499, "invalid_request_error", "the client closed the connection", None),
         }
     }
-}
-
-/// A boolean of `stream_options` (false when absent).
-fn stream_option(body: &Map<String, Value>, name: &str) -> bool {
-    body.get("stream_options").and_then(|o| o.get(name)).and_then(Value::as_bool).unwrap_or(false)
 }
 
 /// Relays the chunks as server-sent events, ending with `data: [DONE]`. Dropping the body (a

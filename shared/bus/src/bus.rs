@@ -187,16 +187,38 @@ impl Bus {
         self.publish_bytes(topic.subject().to_string(), payload).await
     }
 
-    /// Publishes a message on its topic, asking for answers on `reply`.
-    pub async fn publish_with_reply<M: Serialize + DeserializeOwned>(
+    /// Publishes a message about one request on its topic, naming the request in its headers
+    /// ([`crate::trace`]).
+    pub async fn publish_about<M: Serialize + DeserializeOwned>(
+        &self,
+        topic: &Topic<M>,
+        message: &M,
+        request_id: &str,
+    ) -> Result<(), BusError> {
+        let payload = topic.encode(message)?;
+        let headers = crate::trace::headers(request_id);
+        if headers.is_empty() {
+            return self.publish_bytes(topic.subject().to_string(), payload).await;
+        }
+        self.client
+            .publish_with_headers(topic.subject().to_string(), headers, payload.into())
+            .await
+            .map_err(|e| BusError::Nats(e.to_string()))
+    }
+
+    /// Publishes a message about one request on its topic, asking for answers on `reply` and
+    /// naming the request in its headers ([`crate::trace`]).
+    pub async fn publish_with_reply_about<M: Serialize + DeserializeOwned>(
         &self,
         topic: &Topic<M>,
         reply: String,
         message: &M,
+        request_id: &str,
     ) -> Result<(), BusError> {
         let payload = topic.encode(message)?;
+        let headers = crate::trace::headers(request_id);
         self.client
-            .publish_with_reply(topic.subject().to_string(), reply, payload.into())
+            .publish_with_reply_and_headers(topic.subject().to_string(), reply, headers, payload.into())
             .await
             .map_err(|e| BusError::Nats(e.to_string()))
     }
@@ -233,6 +255,36 @@ impl Bus {
         Req: Serialize + DeserializeOwned,
         Resp: Serialize + DeserializeOwned,
     {
+        self.request_with(endpoint, request, timeout, None).await
+    }
+
+    /// [`request`](Self::request) for a message about one request, named in its headers
+    /// ([`crate::trace`]).
+    pub async fn request_about<Req, Resp>(
+        &self,
+        endpoint: &Endpoint<Req, Resp>,
+        request: &Req,
+        timeout: Duration,
+        request_id: &str,
+    ) -> Result<Resp, BusError>
+    where
+        Req: Serialize + DeserializeOwned,
+        Resp: Serialize + DeserializeOwned,
+    {
+        self.request_with(endpoint, request, timeout, Some(request_id)).await
+    }
+
+    async fn request_with<Req, Resp>(
+        &self,
+        endpoint: &Endpoint<Req, Resp>,
+        request: &Req,
+        timeout: Duration,
+        about: Option<&str>,
+    ) -> Result<Resp, BusError>
+    where
+        Req: Serialize + DeserializeOwned,
+        Resp: Serialize + DeserializeOwned,
+    {
         let subject = endpoint.subject().to_string();
         let payload = endpoint.requests().encode(request)?;
         let max_payload = self.client.server_info().max_payload;
@@ -240,7 +292,10 @@ impl Bus {
         if parts.len() > 1 {
             self.split_requests.fetch_add(1, Ordering::Relaxed);
         }
-        let last = parts.pop().unwrap_or_default();
+        let mut last = parts.pop().unwrap_or_default();
+        if let Some(id) = about.filter(|id| pagemesh_shared::limits::check_request_id(id).is_ok()) {
+            last.headers.insert(crate::trace::REQUEST_ID_HEADER, id);
+        }
         for part in parts {
             self.client
                 .publish_with_headers(subject.clone(), part.headers, part.payload.into())
@@ -273,17 +328,24 @@ impl From<WireError> for BusError {
 /// for senders whose messages to one subscriber must not overtake each other.
 #[derive(Clone)]
 pub struct OrderedPublisher {
-    queue: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+    queue: tokio::sync::mpsc::UnboundedSender<Outgoing>,
 }
+
+/// A message queued for publishing: its subject, headers (if any) and bytes.
+type Outgoing = (String, Option<async_nats::HeaderMap>, Vec<u8>);
 
 impl OrderedPublisher {
     /// Starts the draining task on the current runtime.
     pub fn start(bus: &Bus) -> Self {
-        let (queue, mut receiver) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
+        let (queue, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
         let client = bus.client.clone();
         actix_rt::spawn(async move {
-            while let Some((subject, payload)) = receiver.recv().await {
-                if let Err(e) = client.publish(subject.clone(), payload.into()).await {
+            while let Some((subject, headers, payload)) = receiver.recv().await {
+                let sent = match headers {
+                    Some(headers) => client.publish_with_headers(subject.clone(), headers, payload.into()).await,
+                    None => client.publish(subject.clone(), payload.into()).await,
+                };
+                if let Err(e) = sent {
                     tracing::warn!("publish on {subject} failed: {e}");
                 }
             }
@@ -294,7 +356,18 @@ impl OrderedPublisher {
     /// Queues a message for its topic.
     pub fn publish<M: Serialize + DeserializeOwned>(&self, topic: &Topic<M>, message: &M) {
         match topic.encode(message) {
-            Ok(payload) => self.publish_bytes(topic.subject().to_string(), payload),
+            Ok(payload) => self.publish_bytes(topic.subject().to_string(), None, payload),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+
+    /// Queues a message about one request, naming it in its headers ([`crate::trace`]).
+    pub fn publish_about<M: Serialize + DeserializeOwned>(&self, topic: &Topic<M>, message: &M, request_id: &str) {
+        match topic.encode(message) {
+            Ok(payload) => {
+                let headers = Some(crate::trace::headers(request_id)).filter(|h| !h.is_empty());
+                self.publish_bytes(topic.subject().to_string(), headers, payload)
+            }
             Err(e) => tracing::warn!("{e}"),
         }
     }
@@ -306,13 +379,13 @@ impl OrderedPublisher {
         Resp: Serialize + DeserializeOwned,
     {
         match endpoint.encode_response(response) {
-            Ok(payload) => self.publish_bytes(reply, payload),
+            Ok(payload) => self.publish_bytes(reply, None, payload),
             Err(e) => tracing::warn!("{e}"),
         }
     }
 
-    fn publish_bytes(&self, subject: String, payload: Vec<u8>) {
-        if self.queue.send((subject, payload)).is_err() {
+    fn publish_bytes(&self, subject: String, headers: Option<async_nats::HeaderMap>, payload: Vec<u8>) {
+        if self.queue.send((subject, headers, payload)).is_err() {
             tracing::warn!("the publisher has stopped");
         }
     }

@@ -5,7 +5,9 @@
 //! * [`listen`]: an actor's subscriptions as one stream of its own messages;
 //! * [`nats_auth`]: accounts, NKeys and per-role permissions (`pagemesh nats-config`);
 //! * [`parts`]: messages over the server's `max_payload` sent in parts and put together;
+//! * [`logging`]: the services' logs, as text or JSON lines;
 //! * [`refusals`]: counting and logging invalid messages;
+//! * [`trace`]: one request followed across services (its id in NATS headers, log spans);
 //! * [`metrics_endpoint`]: each process's Prometheus recorder and `/metrics`.
 
 pub mod bus;
@@ -15,3 +17,4 @@ pub mod metrics_endpoint;
 pub mod nats_auth;
 pub mod parts;
 pub mod refusals;
+pub mod trace;

@@ -126,7 +126,8 @@ impl SchedulerService {
                 self.outbox().publish(&topic, &message);
             }
             Effect::Error { reply_to, error } => {
-                self.outbox().publish(&Topic::json(reply_to), &error);
+                let about = error.request_id.clone().unwrap_or_default();
+                self.outbox().publish_about(&Topic::json(reply_to), &error, &about);
             }
             Effect::SubmitAck { reply_to, ack } => {
                 let endpoint = self.bus.subjects.submit();
@@ -299,8 +300,17 @@ impl Handler<Returned> for SchedulerService {
 
 impl StreamHandler<Incoming> for SchedulerService {
     fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
-        if let Some(event) = self.decode(item) {
-            self.handle_event(event, ctx);
-        }
+        let Some(event) = self.decode(item) else { return };
+        // A submit or an abort is handled in the span of its request.
+        let request_id = match &event {
+            Event::Submit { submit, .. } => Some(submit.request_id.as_str()),
+            Event::Abort { request_id, .. } => Some(request_id.as_str()),
+            _ => None,
+        };
+        let span = request_id
+            .filter(|id| limits::check_request_id(id).is_ok())
+            .map_or_else(tracing::Span::none, |id| pagemesh_bus::request_span!(id));
+        let _entered = span.enter();
+        self.handle_event(event, ctx);
     }
 }

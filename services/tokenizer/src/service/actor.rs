@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use crate::TextTokenizer;
 use actix::prelude::*;
+use pagemesh_shared::field_errors::field_error;
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest, TextOptions};
+use pagemesh_shared::sampling::SamplingParams;
 use pagemesh_shared::subjects::TOKENIZER_QUEUE;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -21,6 +23,7 @@ use pagemesh_bus::listen::{listen, Subscription};
 use pagemesh_bus::metrics_endpoint::request_error;
 use pagemesh_bus::refusals::refuse;
 use pagemesh_shared::wire::Topic;
+use tracing::Instrument;
 
 /// What the tokenizer knows of the model.
 pub struct ModelInfo {
@@ -132,12 +135,15 @@ impl Tokenizing {
         let value: Value = serde_json::from_slice(payload)
             .map_err(|e| (None, invalid(format!("the request is not valid JSON: {e}"))))?;
         let request_id = value.get("request_id").and_then(Value::as_str).map(str::to_string);
-        let explicit_max_tokens = value.get("max_tokens").is_some();
-        let request: GenerateRequest = serde_path_to_error::deserialize(value).map_err(|e| {
+        let request: GenerateRequest = serde_path_to_error::deserialize(&value).map_err(|e| {
             let path = e.path().to_string();
-            let message =
-                if path == "." { e.inner().to_string() } else { format!("invalid value for `{path}`: {}", e.inner()) };
-            (request_id.clone(), invalid(message))
+            // A sampling field is read through `flatten`, which loses its path.
+            let named = match (path.as_str(), value.as_object().and_then(field_error::<GenerateRequest>)) {
+                ("." | "?", Some((field, why))) => Some(format!("invalid value for `{field}`: {why}")),
+                ("." | "?", None) => None,
+                _ => Some(format!("invalid value for `{path}`: {}", e.inner())),
+            };
+            (request_id.clone(), invalid(named.unwrap_or_else(|| e.inner().to_string())))
         })?;
         let request_id = request.request_id.clone().unwrap_or_else(new_id);
         if let Err(message) = limits::check_request_id(&request_id) {
@@ -145,8 +151,6 @@ impl Tokenizing {
         }
         let fail = |r: Rejection| (Some(request_id.clone()), r);
         self.check_model(request.model.as_deref()).map_err(fail)?;
-        request.params.validate().map_err(|m| fail(invalid(m)))?;
-        request.params.check_vocab(self.model.vocab_size).map_err(|m| fail(invalid(m)))?;
         let prompt_token_ids = match (&request.prompt, &request.messages) {
             (Some(_), Some(_)) => return Err(fail(invalid("give either `prompt` or `messages`, not both"))),
             (None, None) => return Err(fail(invalid("missing `prompt` (or `messages`)"))),
@@ -162,11 +166,14 @@ impl Tokenizing {
                 self.renderer.tokenize(&self.tokenizer, messages, add).map_err(|m| fail(invalid(m)))?
             }
         };
-        let mut params = request.params.clone();
-        if request.messages.is_some() && !explicit_max_tokens {
+        let mut defaults = SamplingParams::default();
+        if request.messages.is_some() {
             // Chat without max_tokens: up to the end of the context.
-            params.max_tokens = self.model.max_model_len.saturating_sub(prompt_token_ids.len()).max(1);
+            defaults.max_tokens = self.model.max_model_len.saturating_sub(prompt_token_ids.len()).max(1);
         }
+        let params = request.sampling.clone().over(defaults);
+        params.validate().map_err(|m| fail(invalid(m)))?;
+        params.check_vocab(self.model.vocab_size).map_err(|m| fail(invalid(m)))?;
         let stop = request.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
         let seed = params.seed.unwrap_or_else(rand::random);
         let submit = SubmitRequest {
@@ -273,7 +280,7 @@ const SUBMIT_DEADLINE: Duration = Duration::from_secs(6);
 async fn hand_to_scheduler(bus: &Bus, submit: &SubmitRequest) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + SUBMIT_DEADLINE;
     loop {
-        let answer = bus.request(&bus.subjects.submit(), submit, SUBMIT_ACK_TIMEOUT).await;
+        let answer = bus.request_about(&bus.subjects.submit(), submit, SUBMIT_ACK_TIMEOUT, &submit.request_id).await;
         let last = tokio::time::Instant::now() >= deadline;
         match answer {
             Ok(_) => return Ok(()),
@@ -292,8 +299,14 @@ impl Tokenizing {
             .prepare(&msg.payload, reply)
             .map(|submit| SubmitRequest { owner: pagemesh_bus::bus::requester_account(msg), ..submit });
         self.observe("generate", started);
-        if let Err((_, rejection)) = &prepared {
-            request_error(&self.model.name, rejection.kind);
+        match &prepared {
+            Ok(submit) => {
+                tracing::debug!(prompt_tokens = submit.prompt_token_ids.len(), "tokenizer: request tokenized")
+            }
+            Err((_, rejection)) => {
+                tracing::debug!(error = %rejection.message, "tokenizer: request refused");
+                request_error(&self.model.name, rejection.kind);
+            }
         }
         prepared
     }
@@ -340,27 +353,31 @@ impl StreamHandler<Incoming> for TokenizerService {
                     refuse("tokenizer", "generate", &e);
                     return;
                 }
+                // The work on it is logged under the request id its headers name.
+                let span = pagemesh_bus::trace::request_id(msg.headers.as_ref())
+                    .map_or_else(tracing::Span::none, |id| pagemesh_bus::request_span!(id));
+                let in_span = span.clone();
                 ctx.spawn(
                     async move {
                         let to = reply.clone();
-                        let prepared = off_the_loop(permits, move || work.generate(&msg, &to)).await;
+                        let job = move || in_span.in_scope(|| work.generate(&msg, &to));
+                        let prepared = off_the_loop(permits, job).await;
                         let prepared =
                             prepared.map_err(|m| (None, Rejection { kind: ErrorKind::Internal, message: m }));
-                        match prepared.and_then(|p| p) {
-                            Ok(submit) => {
-                                if let Err(message) = hand_to_scheduler(&bus, &submit).await {
-                                    let id = Some(submit.request_id.clone());
-                                    let error = ErrorReply::new(id, ErrorKind::Unavailable, message);
-                                    let _ = bus.publish(&Topic::json(reply), &error).await;
+                        let (request_id, error) = match prepared.and_then(|p| p) {
+                            Ok(submit) => match hand_to_scheduler(&bus, &submit).await {
+                                Ok(()) => return,
+                                Err(message) => {
+                                    (Some(submit.request_id), Rejection { kind: ErrorKind::Unavailable, message })
                                 }
-                            }
-                            Err((request_id, r)) => {
-                                let _ = bus
-                                    .publish(&Topic::json(reply), &ErrorReply::new(request_id, r.kind, r.message))
-                                    .await;
-                            }
-                        }
+                            },
+                            Err(refused) => refused,
+                        };
+                        let about = request_id.clone().unwrap_or_default();
+                        let error = ErrorReply::new(request_id, error.kind, error.message);
+                        let _ = bus.publish_about(&Topic::json(reply), &error, &about).await;
                     }
+                    .instrument(span)
                     .into_actor(self),
                 );
             }

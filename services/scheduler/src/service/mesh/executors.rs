@@ -172,6 +172,7 @@ impl MeshScheduler {
             }
             let detokenizer = state.detokenizer.clone();
             if state.all_finished() {
+                tracing::debug!(request_id = %request_id, "scheduler: request done on its executor");
                 state.timing.finished(&self.metrics, now);
                 // Done on the executor; the state stays until the detokenizer's last chunk is
                 // out (its ack), so that a lost detokenizer's stream can still be finished.

@@ -337,6 +337,7 @@ impl MeshScheduler {
     /// Tells a client an error on its reply subject.
     fn reply_error(&mut self, reply_to: &str, request_id: &str, kind: ErrorKind, message: String) {
         self.metrics.error(kind);
+        tracing::debug!(request_id, error = %message, "scheduler: request refused");
         let error = ErrorReply::new(Some(request_id.to_string()), kind, message);
         self.effects.push(Effect::Error { reply_to: reply_to.to_string(), error });
     }

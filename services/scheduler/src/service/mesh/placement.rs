@@ -57,6 +57,7 @@ impl MeshScheduler {
             return;
         }
         let id = submit.request_id.clone();
+        tracing::debug!(request_id = %id, prompt_tokens = submit.prompt_token_ids.len(), "scheduler: request accepted");
         let mut state = RequestState::new(submit, self.now);
         // Its stream opens now, so that a scheduler taking over learns of it.
         if let Some(detokenizer) = self.pick_detokenizer() {
@@ -167,6 +168,7 @@ impl MeshScheduler {
             false => state.detokenizer.clone(),
         };
         let Some(state) = self.requests.get_mut(request_id) else { return };
+        tracing::debug!(request_id, executor = %target, resumed, "scheduler: request placed");
         state.placed = Some(Placement { executor: target.clone(), core_id });
         if needs_detokenizer {
             state.detokenizer = detokenizer.clone();
@@ -211,6 +213,7 @@ impl MeshScheduler {
             return;
         }
         self.metrics.error(kind);
+        tracing::debug!(request_id, error = message, "scheduler: request failed");
         state.failure = Some((kind, message.to_string()));
         for finish in state.finished.iter_mut().filter(|f| f.is_none()) {
             *finish = Some(FinishReason::Error);
