@@ -3,17 +3,13 @@
 //! (preemption), and a fork through a copy-on-write block copy. Both get the same plans; every
 //! sampled token must be the same and every log-probability within 1e-4.
 
-use std::path::PathBuf;
 
 use pagemesh_executor::gpu::{EmulatedBackend, GpuExecutor, GpuModel};
 use pagemesh_executor::{CacheConfig, CpuExecutor};
 use pagemesh_shared::{SampleSpec, SamplingParams, ScheduledSeq, StepOutput, StepPlan};
 
-fn model_dir() -> PathBuf {
-    std::env::var_os("PAGEMESH_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260K"))
-}
+mod support;
+use support::*;
 
 const BS: usize = 4;
 

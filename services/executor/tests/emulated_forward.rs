@@ -17,11 +17,8 @@ use pagemesh_executor::sampling::sample;
 use pagemesh_shared::{SampleSpec, SamplingParams};
 use serde_json::Value;
 
-fn model_dir() -> PathBuf {
-    std::env::var_os("PAGEMESH_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260K"))
-}
+mod support;
+use support::*;
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()

@@ -16,13 +16,9 @@ use half::{bf16, f16};
 use pagemesh_executor::{CacheConfig, CpuExecutor};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
-use serde_json::Value;
 
-fn model_dir() -> PathBuf {
-    std::env::var_os("PAGEMESH_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260K"))
-}
+mod support;
+use support::*;
 
 /// Writes a copy of the model with every tensor rounded to `dtype`, stored as `dtype` or, when
 /// `store_f32`, as f32 holding the rounded values.
@@ -57,23 +53,6 @@ fn converted_copy(src: &Path, dtype: Dtype, store_f32: bool) -> PathBuf {
     dir
 }
 
-fn sequences() -> Vec<Vec<u32>> {
-    let text = std::fs::read_to_string(model_dir().join("reference.json")).expect("reference");
-    let reference: Value = serde_json::from_str(&text).expect("json");
-    let ids = |v: &Value| v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect::<Vec<_>>();
-    reference["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| {
-            let mut all = ids(&c["prompt_ids"]);
-            all.extend(ids(&c["generated_ids"]));
-            all.truncate(120);
-            all
-        })
-        .collect()
-}
-
 fn load(dir: &Path) -> CpuExecutor {
     let cache = CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 };
     CpuExecutor::load(dir, None, cache).expect("model loads")
@@ -84,7 +63,7 @@ fn load(dir: &Path) -> CpuExecutor {
 fn relative_errors(a: &CpuExecutor, b: &CpuExecutor) -> (Vec<f32>, f64) {
     let mut errors = Vec::new();
     let (mut diff_sq, mut ref_sq) = (0.0f64, 0.0f64);
-    for seq in sequences() {
+    for seq in reference_sequences(120) {
         let la = a.logits_for_prompt(&seq).expect("logits");
         let lb = b.logits_for_prompt(&seq).expect("logits");
         for (ra, rb) in la.iter().zip(&lb) {

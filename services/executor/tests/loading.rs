@@ -7,11 +7,8 @@ use pagemesh_executor::{CacheConfig, CpuExecutor, ExecutorError};
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 
-fn model_dir() -> PathBuf {
-    std::env::var_os("PAGEMESH_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260K"))
-}
+mod support;
+use support::*;
 
 fn scratch(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pagemesh-loading-{tag}-{}", std::process::id()));

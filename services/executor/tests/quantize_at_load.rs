@@ -6,7 +6,7 @@
 //! the reference prompts and 120 tokens of their continuations): q8_0 0.0050, q4_0 0.085. The
 //! bounds below are 2 to 3 times that; a kernel reading blocks wrongly gives errors of order 1.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use pagemesh_executor::cpu::model::LlamaModel;
 use pagemesh_executor::quant::quantize::quantize;
@@ -14,11 +14,8 @@ use pagemesh_executor::quant::QuantKind;
 use pagemesh_executor::{CacheConfig, CpuExecutor};
 use serde_json::Value;
 
-fn model_dir() -> PathBuf {
-    std::env::var_os("PAGEMESH_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/stories260K"))
-}
+mod support;
+use support::*;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -38,23 +35,6 @@ fn rows_quantize_to_the_blocks_gguf_makes() {
     }
 }
 
-fn sequences() -> Vec<Vec<u32>> {
-    let text = std::fs::read_to_string(model_dir().join("reference.json")).expect("reference");
-    let reference: Value = serde_json::from_str(&text).expect("json");
-    let ids = |v: &Value| v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect::<Vec<_>>();
-    reference["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| {
-            let mut all = ids(&c["prompt_ids"]);
-            all.extend(ids(&c["generated_ids"]));
-            all.truncate(120);
-            all
-        })
-        .collect()
-}
-
 fn executor(quantization: Option<QuantKind>) -> CpuExecutor {
     let cache = CacheConfig { block_size: 16, num_device_blocks: 1, num_host_blocks: 0 };
     let model = LlamaModel::load_quantized(&model_dir(), None, quantization).expect("loads");
@@ -64,7 +44,7 @@ fn executor(quantization: Option<QuantKind>) -> CpuExecutor {
 /// ‖b − a‖₂ / ‖a‖₂ over every position's logits.
 fn relative_error(a: &CpuExecutor, b: &CpuExecutor) -> f64 {
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
-    for seq in sequences() {
+    for seq in reference_sequences(120) {
         for (ra, rb) in
             a.logits_for_prompt(&seq).expect("logits").iter().zip(&b.logits_for_prompt(&seq).expect("logits"))
         {

@@ -12,7 +12,7 @@
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::gemv::{isa, row_dot4, rows4_dot4, RowsRef};
+use super::gemv::{isa, row_dot4, rows4_dot4, Isa, RowsRef};
 use super::qgemv;
 use crate::weights::TensorData;
 
@@ -47,6 +47,46 @@ impl SharedOut {
     fn ptr(self) -> *mut f32 {
         self.0
     }
+
+    /// Writes the dot products `d[r][j]` of rows `o + r` (`r < rows`) with tokens `t + j`
+    /// (`j < used`) into `y` (`[tokens, n]`).
+    ///
+    /// # Safety
+    /// Those elements are inside `y` and written by the calling task only.
+    unsafe fn write_block(self, n: usize, t: usize, o: usize, d: &[[f32; 4]; 4], rows: usize, used: usize) {
+        for (r, row_out) in d.iter().enumerate().take(rows) {
+            for (j, v) in row_out.iter().take(used).enumerate() {
+                // SAFETY: as the caller promises.
+                unsafe { *self.ptr().add((t + j) * n + o + r) = *v };
+            }
+        }
+    }
+}
+
+/// The activations of tokens `t..t + 4` of `x` (`[tokens, k]`; past the last token, the last
+/// again) and how many of them are real.
+fn token_group(x: &[f32], k: usize, tokens: usize, t: usize) -> ([&[f32]; 4], usize) {
+    let xs = std::array::from_fn(|j| {
+        let tj = (t + j).min(tokens - 1);
+        &x[tj * k..(tj + 1) * k]
+    });
+    (xs, (tokens - t).min(4))
+}
+
+/// Rows `o..o + rows` (at most 4) of `weights` dotted with a token group.
+fn dot_block(
+    weights: RowsRef<'_>,
+    o: usize,
+    rows: usize,
+    k: usize,
+    xs: [&[f32]; 4],
+    used: usize,
+    isa: Isa,
+) -> [[f32; 4]; 4] {
+    if rows == 4 {
+        return rows4_dot4(weights, o, k, xs, used, isa);
+    }
+    std::array::from_fn(|r| if r < rows { row_dot4(weights, o + r, k, xs, used, isa) } else { [0.0; 4] })
 }
 
 impl Linear {
@@ -113,29 +153,13 @@ impl Linear {
             // Token groups outside, rows inside: a group's activations stay in L1 while the
             // panel's rows stream past them.
             for t in (0..tokens).step_by(4) {
-                let used = (tokens - t).min(4);
-                let xs: [&[f32]; 4] = std::array::from_fn(|j| {
-                    let tj = (t + j).min(tokens - 1);
-                    &x[tj * k..(tj + 1) * k]
-                });
+                let (xs, used) = token_group(x, k, tokens, t);
                 let mut o = panel.start;
                 while o < panel.end {
                     let block = (panel.end - o).min(4);
-                    let d = if block == 4 {
-                        rows4_dot4(rows, o, k, xs, used, isa)
-                    } else {
-                        let mut d = [[0.0; 4]; 4];
-                        for (r, dr) in d.iter_mut().enumerate().take(block) {
-                            *dr = row_dot4(rows, o + r, k, xs, used, isa);
-                        }
-                        d
-                    };
-                    for (r, row_out) in d.iter().enumerate().take(block) {
-                        for (j, v) in row_out.iter().take(used).enumerate() {
-                            // SAFETY: (t + j, o + r) is inside y and written by this task only.
-                            unsafe { *out.ptr().add((t + j) * n + o + r) = *v };
-                        }
-                    }
+                    let d = dot_block(rows, o, block, k, xs, used, isa);
+                    // SAFETY: rows o.. of tokens t.. are inside y and in this task's panel.
+                    unsafe { out.write_block(n, t, o, &d, block, used) };
                     o += block;
                 }
             }
@@ -159,11 +183,7 @@ impl Linear {
                 (0..tasks).into_par_iter().for_each(|task| {
                     let panel = task * GEMV_ROWS_PER_TASK..((task + 1) * GEMV_ROWS_PER_TASK).min(n);
                     for t in (0..tokens).step_by(4) {
-                        let used = (tokens - t).min(4);
-                        let xs: [&[f32]; 4] = std::array::from_fn(|j| {
-                            let tj = (t + j).min(tokens - 1);
-                            &x[tj * k..(tj + 1) * k]
-                        });
+                        let (xs, used) = token_group(x, k, tokens, t);
                         for o in panel.clone() {
                             let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
                             let d = qgemv::row_dot4(q.kind, row, k, xs, used, isa);
@@ -189,28 +209,10 @@ impl Linear {
                     self.weight.row_to_f32(o + r, k, &mut scratch[r * k..(r + 1) * k]);
                 }
                 for t in (0..tokens).step_by(4) {
-                    let used = (tokens - t).min(4);
-                    let xs: [&[f32]; 4] = std::array::from_fn(|j| {
-                        let tj = (t + j).min(tokens - 1);
-                        &x[tj * k..(tj + 1) * k]
-                    });
-                    let d = if block == 4 {
-                        rows4_dot4(RowsRef::F32(scratch), 0, k, xs, used, isa)
-                    } else {
-                        std::array::from_fn(|r| {
-                            if r < block {
-                                row_dot4(RowsRef::F32(scratch), r, k, xs, used, isa)
-                            } else {
-                                [0.0; 4]
-                            }
-                        })
-                    };
-                    for (r, row_out) in d.iter().enumerate().take(block) {
-                        for (j, v) in row_out.iter().take(used).enumerate() {
-                            // SAFETY: (t + j, o + r) is inside y and written by this task only.
-                            unsafe { *out.ptr().add((t + j) * n + o + r) = *v };
-                        }
-                    }
+                    let (xs, used) = token_group(x, k, tokens, t);
+                    let d = dot_block(RowsRef::F32(scratch), 0, block, k, xs, used, isa);
+                    // SAFETY: rows o.. of tokens t.. are inside y and in this task's panel.
+                    unsafe { out.write_block(n, t, o, &d, block, used) };
                 }
                 o += block;
             }
