@@ -3,7 +3,6 @@
 //! (preemption), and a fork through a copy-on-write block copy. Both get the same plans; every
 //! sampled token must be the same and every log-probability within 1e-4.
 
-
 use pagemesh_executor::gpu::{EmulatedBackend, GpuExecutor, GpuModel};
 use pagemesh_executor::{CacheConfig, CpuExecutor};
 use pagemesh_shared::{SampleSpec, SamplingParams, ScheduledSeq, StepOutput, StepPlan};

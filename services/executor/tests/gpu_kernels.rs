@@ -366,7 +366,8 @@ impl PagedFixture {
     /// The CPU reference for the given spans over `rows` query rows.
     fn reference(&self, q: &[f32], spans: &[SeqSpan<'_>], rows: usize) -> Vec<f32> {
         let mut out = vec![0.0; q.len()];
-        paged_attention(q, &self.cache, 0, spans, &row_spans(spans, rows), self.shape.num_heads, &mut out);
+        let isa = pagemesh_executor::cpu::gemv::isa();
+        paged_attention(isa, q, &self.cache, 0, spans, &row_spans(spans, rows), self.shape.num_heads, &mut out);
         out
     }
 }

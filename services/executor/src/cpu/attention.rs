@@ -32,25 +32,13 @@ pub fn row_spans(spans: &[SeqSpan<'_>], rows: usize) -> Vec<u32> {
     owner
 }
 
-/// `out[row, head] = softmax(q·Kᵀ / sqrt(d)) · V` over the row's causal context.
+/// `out[row, head] = softmax(q·Kᵀ / sqrt(d)) · V` over the row's causal context, with the
+/// instruction set `isa` (the processor's best, [`super::gemv::isa`]; tests run every one the
+/// processor has).
 ///
 /// `q` and `out` are `[rows, num_heads * head_dim]`.
-pub fn paged_attention(
-    q: &[f32],
-    cache: &KvCache,
-    layer: usize,
-    spans: &[SeqSpan<'_>],
-    owner: &[u32],
-    num_heads: usize,
-    out: &mut [f32],
-) {
-    paged_attention_on(super::gemv::isa(), q, cache, layer, spans, owner, num_heads, out)
-}
-
-/// [`paged_attention`] with the instruction set chosen by the caller (tests run every one the
-/// processor has).
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention_on(
+pub fn paged_attention(
     isa: super::gemv::Isa,
     q: &[f32],
     cache: &KvCache,
@@ -307,7 +295,7 @@ mod tests {
             let owner = row_spans(&spans, rows);
             for isa in crate::cpu::gemv::available_isas() {
                 let mut out = vec![f32::NAN; rows * width];
-                paged_attention_on(isa, &q, &cache, 0, &spans, &owner, heads, &mut out);
+                paged_attention(isa, &q, &cache, 0, &spans, &owner, heads, &mut out);
                 let scale = 1.0 / (hd as f64).sqrt();
                 let mut worst = 0.0f64;
                 for (i, span) in spans.iter().enumerate() {

@@ -5,6 +5,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::attention::{paged_attention, row_spans, SeqSpan};
+use super::gemv::isa;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::ops::{rms_norm, silu_mul, RopeTable};
@@ -205,7 +206,7 @@ impl LlamaModel {
             for r in 0..rows {
                 cache.write(li, batch.slots[r], &k[r * kvw..][..kvw], &v[r * kvw..][..kvw]);
             }
-            paged_attention(&q, cache, li, batch.spans, &owner, c.num_heads, &mut attn);
+            paged_attention(isa(), &q, cache, li, batch.spans, &owner, c.num_heads, &mut attn);
             layer.o.forward(&attn, rows, &mut proj);
             add_in_place(&mut x, &proj);
             rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut h);
