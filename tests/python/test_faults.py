@@ -250,3 +250,55 @@ def test_a_scheduler_that_reconnects_late_loses_no_step(nats):
     finally:
         m.stop()
         proxy.stop()
+
+
+
+def test_chunks_wait_for_clients_that_reconnect_after_the_mesh(nats):
+    # NATS comes back; the mesh reconnects at once and its steps go on, but the clients
+    # reconnect on their own schedule: what the detokenizer publishes before a client has
+    # subscribed again is dropped by the server. It holds it for a while after its link
+    # returns, so every stream still arrives whole. Simulated steps of about 100 ms, so that
+    # the links can be cut between two steps' chunks (a cut loses what is on the wire).
+    mesh_link, client_link = LinkCutter(nats), LinkCutter(nats)
+    m = Mesh(mesh_link, "rejoin", serve_args=["--device", "sim", "--sim-model", "llama-2-7b",
+                                              "--sim-gpu", "h100-80gb", "--sim-time-scale", "25"])
+    bodies = [{"prompt": PROMPTS[i], "max_tokens": 60, "ignore_eos": True} for i in range(4)]
+    try:
+        m.wait_ready()
+        chunk_came = asyncio.Event()
+
+        async def client(body):
+            nc = await nats_py.connect(client_link.url, reconnect_time_wait=1, max_reconnect_attempts=-1)
+            try:
+                return await read_generation(nc, "rejoin", body, timeout=60, on_chunk=lambda _: chunk_came.set())
+            finally:
+                await nc.close()
+
+        def outage():
+            mesh_link.cut()
+            client_link.cut()
+            time.sleep(1)
+            mesh_link.restore()
+            m.wait_ready(timeout=30)
+            # The mesh is back and generating; the clients are not, for a while.
+            time.sleep(0.5)
+            client_link.restore()
+
+        async def with_outage():
+            tasks = [asyncio.create_task(client(b)) for b in bodies]
+            for _ in range(3):
+                chunk_came.clear()
+                await asyncio.wait_for(chunk_came.wait(), timeout=60)
+            # Between two steps: nothing on the wire.
+            await asyncio.sleep(0.03)
+            await asyncio.get_running_loop().run_in_executor(None, outage)
+            return await asyncio.gather(*tasks)
+
+        results = asyncio.run(with_outage())
+        texts(results)  # every index once, in order, up to the last chunk
+        assert [sum(len(c["token_ids"]) for c in chunks) for chunks in results] == [60] * 4
+        wait_for(m.all_blocks_free, timeout=10, what="every block free")
+    finally:
+        m.stop()
+        mesh_link.stop()
+        client_link.stop()

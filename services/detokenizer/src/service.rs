@@ -17,7 +17,7 @@ use pagemesh_shared::{FinishReason, SampledToken};
 use pagemesh_tokenizer::{DecodeState, TextTokenizer};
 
 use crate::recovery::{self, Arrival, ClosedStreams, UnknownStreams};
-use pagemesh_bus::bus::Bus;
+use pagemesh_bus::bus::{Bus, OrderedPublisher, CLIENT_REJOIN_GRACE};
 use pagemesh_bus::listen::{listen, Subscription};
 use pagemesh_bus::refusals::refuse;
 use pagemesh_shared::wire::Topic;
@@ -328,6 +328,8 @@ pub struct DetokenizerService {
     closed: ClosedStreams,
     /// Streams not held here that tokens came for.
     unknown: UnknownStreams,
+    /// Chunks, errors, aborts and acks, published in order (started with the actor).
+    outbox: Option<OrderedPublisher>,
 }
 
 /// Most bytes of streams in one page of a report (well under a NATS message).
@@ -350,6 +352,7 @@ impl DetokenizerService {
             term: 0,
             closed: ClosedStreams::default(),
             unknown: UnknownStreams::default(),
+            outbox: None,
         }
     }
 
@@ -525,7 +528,7 @@ impl Actor for DetokenizerService {
         listen(self, ctx, self.bus.client.clone(), subscriptions, "detokenizer");
         ctx.run_interval(HEARTBEAT_INTERVAL, |act, ctx| {
             act.announce(ctx);
-            act.watch_scheduler(ctx);
+            act.watch_scheduler();
             act.ask_for_silent_streams(ctx);
         });
         self.announce(ctx);
@@ -554,7 +557,7 @@ impl DetokenizerService {
 impl DetokenizerService {
     /// Ends every open stream with an error when no active scheduler has been heard for
     /// [`SCHEDULER_GRACE`]: nobody would send them tokens any more.
-    fn watch_scheduler(&mut self, ctx: &mut Context<Self>) {
+    fn watch_scheduler(&mut self) {
         let now = Instant::now();
         if self.streams.is_empty() || !self.bus.link().is_silent(self.last_scheduler, now, SCHEDULER_GRACE) {
             return;
@@ -567,7 +570,7 @@ impl DetokenizerService {
         for request_id in ids {
             let message = Some("the scheduler serving this request is gone".to_string());
             let event = DetokenizerEvent::Finish { request_id, reason: FinishReason::Error, message, kind: None };
-            self.process(event, ctx);
+            self.process(event);
         }
     }
 
@@ -583,7 +586,7 @@ impl DetokenizerService {
     }
 
     /// Applies one event and publishes what it produced, in order.
-    fn process(&mut self, event: DetokenizerEvent, ctx: &mut Context<Self>) {
+    fn process(&mut self, event: DetokenizerEvent) {
         let error = match &event {
             DetokenizerEvent::Finish { request_id, reason: FinishReason::Error, message, kind } => {
                 self.streams.get(request_id).filter(|s| s.next_index == 0).map(|s| {
@@ -598,35 +601,35 @@ impl DetokenizerService {
         let output = self.handle_event(event);
         metrics::histogram!(names::DETOKENIZER_DURATION, labels::MODEL => self.model.clone())
             .record(started.elapsed().as_secs_f64());
-        let bus = self.bus.clone();
-        // Chunks of one request are published in order from this actor's context.
-        ctx.wait(
-            async move {
-                // Everything for the client names the request in its headers.
-                if let Some((reply_to, error)) = error {
-                    let about = error.request_id.clone().unwrap_or_default();
-                    let _ = bus.publish_about(&Topic::json(reply_to), &error, &about).await;
-                }
-                let Some(output) = output else { return };
-                let inbox = Topic::json(output.reply_to.clone());
-                for chunk in &output.chunks {
-                    if let Err(e) = bus.publish_about(&inbox, chunk, &chunk.request_id).await {
-                        tracing::warn!("detokenizer: cannot publish a chunk: {e}");
-                    }
-                }
-                let request_id = output.ack.request_id.clone();
-                if output.abort {
-                    let abort = AbortRequest { request_id: request_id.clone() };
-                    let _ = bus.publish_about(&bus.subjects.scheduler_abort(), &abort, &request_id).await;
-                }
-                // After the chunks: the scheduler learns how far the stream got.
-                let _ = bus.publish(&bus.subjects.detokenizer_ack(), &output.ack).await;
-            }
-            .into_actor(self),
-        );
+        // Everything goes out in order through one queue, which holds it for a while after
+        // the link to NATS comes back (the clients may not have subscribed again yet); every
+        // message for the client names the request in its headers.
+        let outbox = self.outbox();
+        if let Some((reply_to, error)) = error {
+            let about = error.request_id.clone().unwrap_or_default();
+            outbox.publish_about(&Topic::json(reply_to), &error, &about);
+        }
+        let Some(output) = output else { return };
+        let inbox = Topic::json(output.reply_to.clone());
+        for chunk in &output.chunks {
+            outbox.publish_about(&inbox, chunk, &chunk.request_id);
+        }
+        let request_id = output.ack.request_id.clone();
+        if output.abort {
+            let abort = AbortRequest { request_id: request_id.clone() };
+            outbox.publish_about(&self.bus.subjects.scheduler_abort(), &abort, &request_id);
+        }
+        // After the chunks: the scheduler learns how far the stream got.
+        outbox.publish(&self.bus.subjects.detokenizer_ack(), &output.ack);
     }
 
-    fn on_event(&mut self, msg: &async_nats::Message, ctx: &mut Context<Self>) {
+    /// The queue everything about streams is published through, in order.
+    fn outbox(&mut self) -> OrderedPublisher {
+        let bus = &self.bus;
+        self.outbox.get_or_insert_with(|| OrderedPublisher::start_for_clients(bus, CLIENT_REJOIN_GRACE)).clone()
+    }
+
+    fn on_event(&mut self, msg: &async_nats::Message) {
         let message =
             self.bus.subjects.detokenizer_events(&self.id).decode(&msg.payload).map_err(|e| e.to_string()).and_then(
                 |m| match m.events.len() {
@@ -645,7 +648,7 @@ impl DetokenizerService {
                         Ok(()) => {
                             let span = pagemesh_bus::request_span!(event.request_id());
                             let _entered = span.enter();
-                            self.process(event, ctx)
+                            self.process(event)
                         }
                         Err(e) => refuse("detokenizer", "event", &e),
                     }
@@ -701,7 +704,7 @@ enum Incoming {
 impl StreamHandler<Incoming> for DetokenizerService {
     fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
         match item {
-            Incoming::Event(msg) => self.on_event(&msg, ctx),
+            Incoming::Event(msg) => self.on_event(&msg),
             Incoming::SchedulerBeat(msg) => self.on_scheduler_beat(&msg),
             Incoming::Report(msg) => self.on_report(&msg, ctx),
         }

@@ -76,6 +76,8 @@ pub struct Bus {
     /// Reconnections seen since start.
     pub reconnects: Arc<AtomicU64>,
     link: Arc<Mutex<LinkState>>,
+    /// Whether the link was lost since it was first established.
+    ever_lost: Arc<AtomicBool>,
     /// Requests sent in parts so far.
     split_requests: Arc<AtomicU64>,
 }
@@ -88,13 +90,14 @@ impl Bus {
         let reconnects = Arc::new(AtomicU64::new(0));
         let established = Arc::new(AtomicBool::new(false));
         let link = Arc::new(Mutex::new(LinkState { connected: false, since: Instant::now() }));
+        let ever_lost = Arc::new(AtomicBool::new(false));
         let service = name.strip_prefix("pagemesh-").unwrap_or(name).to_string();
         let reconnect_metric = metrics::counter!(names::NATS_RECONNECTS, labels::SERVICE => service);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let counter = reconnects.clone();
             let (established_now, metric) = (established.clone(), reconnect_metric.clone());
-            let link_now = link.clone();
+            let (link_now, lost_now) = (link.clone(), ever_lost.clone());
             let mut connect = match (&options.nkey_seed, &options.creds, &options.token, &options.user) {
                 (Some(seed), _, _, _) => async_nats::ConnectOptions::with_nkey(seed.clone()),
                 (None, Some(path), _, _) => async_nats::ConnectOptions::with_credentials_file(path.clone())
@@ -117,7 +120,7 @@ impl Bus {
                 .event_callback(move |event| {
                     let counter = counter.clone();
                     let (established, metric) = (established_now.clone(), metric.clone());
-                    let link = link_now.clone();
+                    let (link, lost) = (link_now.clone(), lost_now.clone());
                     async move {
                         let up = match event {
                             async_nats::Event::Connected => Some(true),
@@ -126,6 +129,9 @@ impl Bus {
                         };
                         if let (Some(connected), Ok(mut state)) = (up, link.lock()) {
                             *state = LinkState { connected, since: Instant::now() };
+                        }
+                        if up == Some(false) && established.load(Ordering::Relaxed) {
+                            lost.store(true, Ordering::Relaxed);
                         }
                         if matches!(event, async_nats::Event::Connected) {
                             counter.fetch_add(1, Ordering::Relaxed);
@@ -151,6 +157,7 @@ impl Bus {
                             subjects: Subjects::new(&options.prefix),
                             reconnects,
                             link,
+                            ever_lost,
                             split_requests: Arc::default(),
                         });
                     }
@@ -170,6 +177,22 @@ impl Bus {
     /// Requests this connection sent in parts (larger than the server's `max_payload`).
     pub fn split_requests(&self) -> u64 {
         self.split_requests.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the link is up and, if it came back after a loss, has been back for
+    /// `grace`: core NATS drops what is published to a subscription that is not back yet, and
+    /// other clients reconnect on their own schedule.
+    pub async fn wait_until_rejoined(&self, grace: Duration) {
+        loop {
+            let link = self.link();
+            let rejoined = self.ever_lost.load(Ordering::Relaxed);
+            let up_for = link.since.elapsed();
+            if link.connected && (!rejoined || up_for >= grace) {
+                return;
+            }
+            let pause = if link.connected { grace - up_for } else { Duration::from_millis(100) };
+            tokio::time::sleep(pause).await;
+        }
     }
 
     /// The connection's state now.
@@ -334,13 +357,34 @@ pub struct OrderedPublisher {
 /// A message queued for publishing: its subject, headers (if any) and bytes.
 type Outgoing = (String, Option<async_nats::HeaderMap>, Vec<u8>);
 
+/// How long after NATS comes back a publisher to clients holds its messages
+/// ([`OrderedPublisher::start_for_clients`]): clients reconnect on their own schedule (nats-py
+/// retries every 2 s by default), and what reaches the server before a client has subscribed
+/// again is lost.
+pub const CLIENT_REJOIN_GRACE: Duration = Duration::from_secs(3);
+
 impl OrderedPublisher {
     /// Starts the draining task on the current runtime.
     pub fn start(bus: &Bus) -> Self {
+        Self::start_gated(bus, None)
+    }
+
+    /// [`start`](Self::start), for messages to clients' inboxes (and what must follow them):
+    /// after the link to NATS was lost, nothing goes out before it has been back for `grace`
+    /// ([`Bus::wait_until_rejoined`]); meanwhile messages wait here, in order.
+    pub fn start_for_clients(bus: &Bus, grace: Duration) -> Self {
+        Self::start_gated(bus, Some(grace))
+    }
+
+    fn start_gated(bus: &Bus, grace: Option<Duration>) -> Self {
         let (queue, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
         let client = bus.client.clone();
+        let gate = grace.map(|grace| (bus.clone(), grace));
         actix_rt::spawn(async move {
             while let Some((subject, headers, payload)) = receiver.recv().await {
+                if let Some((bus, grace)) = &gate {
+                    bus.wait_until_rejoined(*grace).await;
+                }
                 let sent = match headers {
                     Some(headers) => client.publish_with_headers(subject.clone(), headers, payload.into()).await,
                     None => client.publish(subject.clone(), payload.into()).await,
