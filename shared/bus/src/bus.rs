@@ -183,11 +183,14 @@ impl Bus {
     /// `grace`: core NATS drops what is published to a subscription that is not back yet, and
     /// other clients reconnect on their own schedule.
     pub async fn wait_until_rejoined(&self, grace: Duration) {
+        // Never lost since it was established: up (the common case, checked without a lock).
+        if !self.ever_lost.load(Ordering::Relaxed) {
+            return;
+        }
         loop {
             let link = self.link();
-            let rejoined = self.ever_lost.load(Ordering::Relaxed);
             let up_for = link.since.elapsed();
-            if link.connected && (!rejoined || up_for >= grace) {
+            if link.connected && up_for >= grace {
                 return;
             }
             let pause = if link.connected { grace - up_for } else { Duration::from_millis(100) };
