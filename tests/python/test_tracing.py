@@ -35,13 +35,14 @@ def services_logging(path, request_id):
     return found
 
 
-async def headers_of_answer(url, prefix, body):
-    """The request-id header of every message answering a generation request sent over NATS."""
+async def headers_of_answer(url, prefix, body, headers=None):
+    """The request-id header of every message answering a generation request sent over NATS
+    (with `headers` on the request, if given)."""
     nc = await nats_py.connect(url)
     try:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
-        await nc.publish(f"{prefix}.generate", json.dumps(body).encode(), reply=inbox)
+        await nc.publish(f"{prefix}.generate", json.dumps(body).encode(), reply=inbox, headers=headers)
         headers = []
         while True:
             msg = await sub.next_msg(timeout=30)
@@ -76,5 +77,13 @@ def test_a_request_is_named_in_its_headers_and_logged_under_its_id_by_every_serv
         assert asyncio.run(headers_of_answer(nats.url, "traced", bad)) == ["traced-bad"]
         wait_for(lambda: "pagemesh_scheduler" in services_logging(log, "traced-1"), timeout=10,
                  what="the scheduler's log lines about traced-1")
+
+        # A header that is not a request id (too long) is ignored: the request is served as
+        # usual, its answer named by the id in its body, and nothing is logged under the header.
+        forged = "x" * 4096
+        body = {"request_id": "traced-2", "prompt": "Once", "max_tokens": 3, "temperature": 0}
+        headers = asyncio.run(headers_of_answer(nats.url, "traced", body, headers={HEADER: forged}))
+        assert len(headers) >= 2 and all(h == "traced-2" for h in headers), headers
+        assert services_logging(log, forged) == set()
     finally:
         mesh.stop()
