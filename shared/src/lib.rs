@@ -7,6 +7,7 @@
 //!   read, write, swap and copy) and the executor → scheduler step result.
 //! * [`config`]: engine configuration (cache geometry, batching limits, preemption mode).
 //! * [`output`]: what a request produces (tokens, logprobs, finish reasons).
+//! * [`generation_defaults`]: a model's `generation_config.json` sampling defaults.
 //! * [`field_errors`]: which field of a JSON object keeps it from reading as a type.
 //! * [`limits`]: bounds every receiver checks on what arrives over NATS.
 //! * [`link`]: whether a service's NATS link is up, to judge peers' silence.
@@ -20,6 +21,7 @@
 pub mod chat_message;
 pub mod config;
 pub mod field_errors;
+pub mod generation_defaults;
 pub mod limits;
 pub mod link;
 pub mod metrics;

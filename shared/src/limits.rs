@@ -283,6 +283,7 @@ mod tests {
             text: TextOptions::default(),
             owner: None,
             user: None,
+            max_tokens_is_default: false,
         }
     }
 

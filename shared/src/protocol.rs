@@ -276,6 +276,10 @@ pub struct SubmitRequest {
     /// Who the request is for, when it came from inside the services' account (the gateway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// `params.max_tokens` is the server's default (the request named none): the scheduler
+    /// lowers it to what the executor's KV pool can hold rather than refusing the request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub max_tokens_is_default: bool,
 }
 
 impl SubmitRequest {

@@ -17,9 +17,10 @@ pub struct EngineArgs {
     /// `owner/name[@revision]:FILE.gguf` for one GGUF file) fetched into the Hugging Face cache.
     #[arg(long)]
     pub model: PathBuf,
-    /// Weight dtype to compute with: f32, f16 or bf16 (default: as stored).
-    #[arg(long)]
-    pub dtype: Option<WeightDtype>,
+    /// Weight dtype to compute with: auto (as stored), f32 / float32, f16 / float16 / half, or
+    /// bf16 / bfloat16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: DtypeChoice,
     /// Quantize the dense layers' weights at load into GGUF blocks: q8_0 (8 bits, 34 bytes per 32
     /// weights) or q4_0 (4 bits, 18 bytes per 32). For Hugging Face f32/f16/bf16 models on the
     /// CPU backend; already quantized GGUF tensors stay as they are.
@@ -30,11 +31,14 @@ pub struct EngineArgs {
     pub block_size: usize,
     /// KV blocks in the device pool (default: what 2 GiB holds, at most what max-num-seqs
     /// full-length sequences need).
-    #[arg(long)]
+    #[arg(long, visible_alias = "num-gpu-blocks-override")]
     pub num_device_blocks: Option<usize>,
     /// KV blocks in the host (swap) pool (default: as many as the device pool).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "swap_space")]
     pub num_host_blocks: Option<usize>,
+    /// Host (swap) pool size in GiB, as vLLM's `--swap-space` (instead of --num-host-blocks).
+    #[arg(long, value_parser = parse_swap_space)]
+    pub swap_space: Option<f64>,
     /// What preemption does: swap or recompute.
     #[arg(long, default_value = "swap")]
     pub preemption_mode: PreemptionMode,
@@ -45,8 +49,11 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,
     /// Turn automatic prefix caching off.
-    #[arg(long)]
+    #[arg(long, visible_alias = "no-enable-prefix-caching", overrides_with = "enable_prefix_caching")]
     pub no_prefix_caching: bool,
+    /// Keep automatic prefix caching on (the default; vLLM's spelling).
+    #[arg(long, overrides_with = "no_prefix_caching")]
+    pub enable_prefix_caching: bool,
     /// Longest sequence (default: the model's context length).
     #[arg(long)]
     pub max_model_len: Option<usize>,
@@ -93,6 +100,36 @@ impl EngineArgs {
         }
     }
 
+    /// `max_model_len`, held to what a pool of `num_device_blocks` can hold, so that one
+    /// sequence of the longest length always fits (a request that leaves `max_tokens` out runs
+    /// to the end of the context). A length the user chose with `--max-model-len` that does not
+    /// fit stops the start with the numbers; the model's own is lowered, with a warning.
+    pub fn fit_max_model_len(&self, max_model_len: usize, num_device_blocks: usize) -> Result<usize, String> {
+        let pool_tokens = num_device_blocks.saturating_mul(self.block_size);
+        if pool_tokens >= max_model_len {
+            return Ok(max_model_len);
+        }
+        let needed = max_model_len.div_ceil(self.block_size);
+        let numbers = format!(
+            "one sequence of {max_model_len} tokens needs {needed} KV blocks of {} tokens and the KV pool \
+             has {num_device_blocks}",
+            self.block_size
+        );
+        match self.max_model_len {
+            Some(_) => Err(format!(
+                "--max-model-len {max_model_len} does not fit: {numbers}; raise --num-device-blocks (or \
+                 --gpu-memory-utilization on a GPU) or lower --max-model-len"
+            )),
+            None => {
+                tracing::warn!(
+                    "the model's context of {max_model_len} tokens does not fit the KV pool ({numbers}): serving \
+                     at most {pool_tokens} tokens per sequence (set --max-model-len, or give the pool more blocks)"
+                );
+                Ok(pool_tokens.max(1))
+            }
+        }
+    }
+
     /// The engine configuration (pool sizes from the flags or the defaults).
     pub fn engine_config(&self, config: &ModelConfig) -> Result<EngineConfig, String> {
         if self.block_size == 0 {
@@ -103,7 +140,10 @@ impl EngineArgs {
         let needed = self.max_num_seqs * max_model_len.div_ceil(self.block_size);
         let num_device_blocks =
             self.num_device_blocks.unwrap_or_else(|| (DEFAULT_KV_BYTES / kv_bytes_per_block).clamp(1, needed.max(1)));
-        let num_host_blocks = self.num_host_blocks.unwrap_or(num_device_blocks);
+        let num_host_blocks = match self.swap_space {
+            Some(gib) => (gib * (1u64 << 30) as f64 / kv_bytes_per_block as f64) as usize,
+            None => self.num_host_blocks.unwrap_or(num_device_blocks),
+        };
         Ok(EngineConfig {
             block_size: self.block_size,
             num_device_blocks,
@@ -122,14 +162,38 @@ impl EngineArgs {
     /// Loads the model and sizes its executor.
     pub fn load_executor(&self) -> Result<(CpuExecutor, EngineConfig), String> {
         let model =
-            LlamaModel::load_quantized(&self.model, self.dtype, self.quantization).map_err(|e| e.to_string())?;
-        let config = self.engine_config(&model.config)?;
+            LlamaModel::load_quantized(&self.model, self.dtype.0, self.quantization).map_err(|e| e.to_string())?;
+        let mut config = self.engine_config(&model.config)?;
+        config.max_model_len = self.fit_max_model_len(config.max_model_len, config.num_device_blocks)?;
         let cache = CacheConfig {
             block_size: config.block_size,
             num_device_blocks: config.num_device_blocks,
             num_host_blocks: config.num_host_blocks,
         };
         Ok((CpuExecutor::new(model, cache), config))
+    }
+}
+
+/// `--dtype`: a weight dtype, or none (`auto`: as stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DtypeChoice(pub Option<WeightDtype>);
+
+impl std::str::FromStr for DtypeChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self(None)),
+            other => other.parse().map(|d| Self(Some(d))).map_err(|e: String| format!("{e}, or auto")),
+        }
+    }
+}
+
+/// Reads `--swap-space`: GiB, finite and not negative.
+fn parse_swap_space(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(gib) if gib.is_finite() && (0.0..=1_048_576.0).contains(&gib) => Ok(gib),
+        _ => Err(format!("`{text}` is not a size in GiB (0 to 1048576)")),
     }
 }
 
@@ -145,4 +209,50 @@ fn parse_quantization(text: &str) -> Result<QuantKind, String> {
 pub fn eos_token_ids(model_dir: &Path, from_config: &[u32]) -> Result<Vec<u32>, String> {
     let from_generation = crate::config::generation_eos_ids(model_dir).map_err(|e| e.to_string())?;
     Ok(from_generation.filter(|ids| !ids.is_empty()).unwrap_or_else(|| from_config.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn flags(line: &str) -> EngineArgs {
+        Flags::try_parse_from(std::iter::once("x").chain(line.split_whitespace())).expect("flags").engine
+    }
+
+    #[test]
+    fn a_context_the_pool_cannot_hold_is_lowered_unless_the_user_chose_it() {
+        let model_len = flags("--model m --block-size 16");
+        assert_eq!(model_len.fit_max_model_len(512, 32), Ok(512));
+        assert_eq!(model_len.fit_max_model_len(512, 8), Ok(128));
+        let chosen = flags("--model m --block-size 16 --max-model-len 512");
+        let error = chosen.fit_max_model_len(512, 8).expect_err("does not fit");
+        assert!(error.contains("--max-model-len 512") && error.contains("32 KV blocks") && error.contains("has 8"));
+        assert_eq!(chosen.fit_max_model_len(512, 32), Ok(512));
+    }
+
+    #[test]
+    fn vllm_spellings_are_accepted() {
+        let args = flags("--model m --dtype auto --num-gpu-blocks-override 40 --no-enable-prefix-caching");
+        assert_eq!((args.dtype, args.num_device_blocks, args.no_prefix_caching), (DtypeChoice(None), Some(40), true));
+        assert_eq!(flags("--model m --dtype bfloat16").dtype, DtypeChoice(Some(WeightDtype::BF16)));
+        assert!(!flags("--model m --no-enable-prefix-caching --enable-prefix-caching").no_prefix_caching);
+        let config = crate::ModelConfig {
+            num_layers: 2,
+            ..crate::ModelConfig::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/stories260K")))
+                .expect("stories260K config")
+        };
+        let per_block = 2 * 2 * config.kv_width() * 4 * 16;
+        let engine = flags("--model m --swap-space 0.5").engine_config(&config).expect("config");
+        assert_eq!(engine.num_host_blocks, (1 << 29) / per_block);
+        assert!(Flags::try_parse_from(["x", "--model", "m", "--swap-space", "-1"]).is_err());
+        assert!(Flags::try_parse_from(["x", "--model", "m", "--swap-space", "1", "--num-host-blocks", "3"]).is_err());
+        assert!(Flags::try_parse_from(["x", "--model", "m", "--dtype", "int3"]).is_err());
+    }
 }

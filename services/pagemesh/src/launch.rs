@@ -11,8 +11,10 @@ use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
 use clap::Args;
 use pagemesh_executor::ModelConfig;
+use pagemesh_shared::generation_defaults::{GenerationConfigSource, GenerationDefaults};
 use pagemesh_shared::limits::ModelLimits;
 use pagemesh_shared::protocol::ExecutorRegistration;
+use pagemesh_shared::sampling::MAX_LOGPROBS;
 use pagemesh_shared::EngineConfig;
 use pagemesh_tokenizer::TextTokenizer;
 
@@ -157,7 +159,66 @@ pub struct TokenizerArgs {
     #[arg(long)]
     max_model_len: Option<usize>,
     #[command(flatten)]
+    requests: RequestArgs,
+    #[command(flatten)]
     metrics: MetricsArgs,
+}
+
+/// How requests become token ids and sampling parameters (the tokenizer service's flags,
+/// spelled as vLLM spells them).
+#[derive(Args, Debug, Clone)]
+pub struct RequestArgs {
+    /// Tokenizer: a directory with tokenizer.json (and tokenizer_config.json), or a GGUF file
+    /// (default: the model's own).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Chat template: a file, or the template's text itself (default: the model's own).
+    #[arg(long)]
+    chat_template: Option<String>,
+    /// Sampling defaults for what a request leaves out: `auto` (the model's
+    /// generation_config.json: temperature, top_p, top_k, min_p, repetition_penalty, and
+    /// max_new_tokens as a cap on every request), `vllm` (none: the server's own), or a folder
+    /// holding a generation_config.json.
+    #[arg(long = "generation-config", default_value = "auto")]
+    generation_config: GenerationConfigSource,
+    /// Seed of the random seeds given to requests that name none, so that a server started
+    /// with the same seed answers the same requests in the same order alike (default: random).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Most logprobs a request may ask for.
+    #[arg(long, default_value_t = MAX_LOGPROBS, value_parser = parse_max_logprobs)]
+    max_logprobs: usize,
+}
+
+/// Reads `--max-logprobs`: 0 to the protocol's bound.
+fn parse_max_logprobs(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(k) if k <= MAX_LOGPROBS => Ok(k),
+        _ => Err(format!("`{text}` is not a count from 0 to {MAX_LOGPROBS}")),
+    }
+}
+
+impl RequestArgs {
+    /// Where the tokenizer is read from.
+    fn tokenizer_path<'a>(&'a self, model: &'a Path) -> &'a Path {
+        self.tokenizer.as_deref().unwrap_or(model)
+    }
+
+    /// The prompt renderer: `--chat-template` (a file, or the text), else the tokenizer's.
+    fn renderer(&self, model: &Path) -> Result<PromptRenderer, String> {
+        let tokenizer = self.tokenizer_path(model);
+        match &self.chat_template {
+            None => PromptRenderer::load(tokenizer),
+            Some(template) => {
+                let source = match Path::new(template).is_file() {
+                    true => std::fs::read_to_string(template)
+                        .map_err(|e| format!("--chat-template: cannot read {template}: {e}"))?,
+                    false => template.clone(),
+                };
+                PromptRenderer::with_template(tokenizer, &source).map_err(|e| format!("--chat-template: {e}"))
+            }
+        }
+    }
 }
 
 /// Flags of `pagemesh detokenizer`.
@@ -168,6 +229,9 @@ pub struct DetokenizerArgs {
     /// Model directory (tokenizer.json), or a Hub id (`owner/name[@revision]`).
     #[arg(long)]
     model: PathBuf,
+    /// Tokenizer: a directory with tokenizer.json, or a GGUF file (default: the model's own).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Instance id (default: random).
     #[arg(long)]
     detokenizer_id: Option<String>,
@@ -211,6 +275,8 @@ pub struct HttpArgs {
     /// Most sequences (prompts × `n`) one HTTP request may ask for.
     #[arg(long, default_value_t = 256)]
     max_fanout: usize,
+    #[command(flatten)]
+    cors: pagemesh_gateway::cors::CorsArgs,
 }
 
 /// Flags of `pagemesh serve`.
@@ -244,6 +310,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     device: DeviceArgs,
     #[command(flatten)]
+    requests: RequestArgs,
+    #[command(flatten)]
     metrics: MetricsArgs,
 }
 
@@ -256,13 +324,14 @@ async fn connect(nats: &NatsArgs, role: Role) -> Result<Bus, String> {
     Bus::connect(&nats.options(Some(role))?, &name, Duration::from_secs(10)).await.map_err(|e| e.to_string())
 }
 
+/// Starts an executor; returns the longest sequence its pool holds.
 fn start_executor(
     bus: Bus,
     args: &EngineArgs,
     device: &DeviceArgs,
     model: &str,
     id: Option<String>,
-) -> Result<(), String> {
+) -> Result<usize, String> {
     let (executor, config) = device.executor_backend(args)?;
     let executor_id = id.unwrap_or_else(new_id);
     pagemesh_shared::limits::check_instance_id(&executor_id).map_err(|e| format!("--executor-id: {e}"))?;
@@ -284,7 +353,7 @@ fn start_executor(
         config.num_device_blocks
     );
     ExecutorService::start(bus, executor, registration);
-    Ok(())
+    Ok(config.max_model_len)
 }
 
 fn scheduler_config(engine: &EngineArgs, limits: &SchedulerLimits, model: &str) -> Result<SchedulerConfig, String> {
@@ -308,9 +377,10 @@ fn tokenizer_service(
     model_dir: &Path,
     name: &str,
     max_len: Option<usize>,
+    requests: &RequestArgs,
 ) -> Result<TokenizerService, String> {
-    let tokenizer = Arc::new(TextTokenizer::load(model_dir).map_err(|e| e.to_string())?);
-    let renderer = PromptRenderer::load(model_dir)?;
+    let tokenizer = Arc::new(TextTokenizer::load(requests.tokenizer_path(model_dir)).map_err(|e| e.to_string())?);
+    let renderer = requests.renderer(model_dir)?;
     let config = ModelConfig::load(model_dir).map_err(|e| e.to_string())?;
     let max_model_len = match max_len {
         Some(len) if len > config.max_model_len() => {
@@ -319,11 +389,24 @@ fn tokenizer_service(
         Some(len) => len,
         None => config.max_model_len(),
     };
-    let info = ModelInfo { name: name.to_string(), max_model_len, vocab_size: config.vocab_size };
+    let generation = GenerationDefaults::load(&requests.generation_config, model_dir)?;
+    if !generation.is_empty() {
+        tracing::info!("sampling defaults from the model's generation config: {generation:?}");
+    }
+    let info = ModelInfo {
+        name: name.to_string(),
+        max_model_len,
+        vocab_size: config.vocab_size,
+        generation,
+        max_logprobs: requests.max_logprobs,
+        seed: requests.seed,
+    };
     Ok(TokenizerService::new(bus, tokenizer, renderer, info))
 }
 
 async fn run_gateway(bus: Bus, http: &HttpArgs) -> Result<(), String> {
+    http.cors.check()?;
+    let cors = http.cors.clone();
     let state = web::Data::new(GatewayState {
         bus,
         api_keys: http.api_keys.clone(),
@@ -337,7 +420,11 @@ async fn run_gateway(bus: Bus, http: &HttpArgs) -> Result<(), String> {
         None => pagemesh_gateway::http_guard::connections_per_worker(fd_limit, workers),
     };
     let server = HttpServer::new(move || {
-        App::new().app_data(state.clone()).wrap(actix_web::middleware::from_fn(count_requests)).configure(configure)
+        App::new()
+            .app_data(state.clone())
+            .wrap(actix_web::middleware::from_fn(count_requests))
+            .wrap(cors.middleware())
+            .configure(configure)
     })
     .workers(workers)
     .max_connections(per_worker)
@@ -431,7 +518,7 @@ pub fn tokenizer(mut args: TokenizerArgs) -> Result<(), String> {
     in_system(async move {
         pagemesh_bus::metrics_endpoint::start(&args.metrics, "tokenizer")?;
         let bus = connect(&args.nats, Role::Tokenizer).await?;
-        tokenizer_service(bus, &args.model, &name, args.max_model_len)?.start();
+        tokenizer_service(bus, &args.model, &name, args.max_model_len, &args.requests)?.start();
         wait_forever().await
     })
 }
@@ -440,7 +527,8 @@ pub fn tokenizer(mut args: TokenizerArgs) -> Result<(), String> {
 pub fn detokenizer(mut args: DetokenizerArgs) -> Result<(), String> {
     let name = served_name(&args.served_model_name, &args.model);
     args.model = crate::model_hub::resolve(&args.model)?;
-    let tokenizer = Arc::new(TextTokenizer::load(&args.model).map_err(|e| e.to_string())?);
+    let tokenizer =
+        Arc::new(TextTokenizer::load(args.tokenizer.as_ref().unwrap_or(&args.model)).map_err(|e| e.to_string())?);
     in_system(async move {
         pagemesh_bus::metrics_endpoint::start(&args.metrics, "detokenizer")?;
         let bus = connect(&args.nats, Role::Detokenizer).await?;
@@ -574,23 +662,27 @@ pub fn serve(mut args: ServeArgs) -> Result<(), String> {
     let name = served_name(&args.served_model_name, &args.engine.model);
     args.engine.model = crate::model_hub::resolve(&args.engine.model)?;
     let config = scheduler_config(&args.engine, &args.limits, &name)?;
-    let detok_tokenizer = Arc::new(TextTokenizer::load(&args.engine.model).map_err(|e| e.to_string())?);
+    let detok_tokenizer =
+        Arc::new(TextTokenizer::load(args.requests.tokenizer_path(&args.engine.model)).map_err(|e| e.to_string())?);
     let services = async move {
         pagemesh_bus::metrics_endpoint::start(&args.metrics, "serve")?;
         // One connection per role, each with its own permissions when the bus has them.
         SchedulerService::new(connect(&args.nats, Role::Scheduler).await?, config).start();
+        // Executors first: the tokenizer's default output length stops where their pools do.
+        let mut max_model_len = args.engine.max_model_len;
+        if args.num_executors > 0 {
+            let bus = connect(&args.nats, Role::Executor).await?;
+            for _ in 0..args.num_executors {
+                let fits = start_executor(bus.clone(), &args.engine, &args.device, &name, None)?;
+                max_model_len = Some(max_model_len.map_or(fits, |len| len.min(fits)));
+            }
+        }
         let bus = connect(&args.nats, Role::Tokenizer).await?;
-        tokenizer_service(bus, &args.engine.model, &name, args.engine.max_model_len)?.start();
+        tokenizer_service(bus, &args.engine.model, &name, max_model_len, &args.requests)?.start();
         if args.num_detokenizers > 0 {
             let bus = connect(&args.nats, Role::Detokenizer).await?;
             for _ in 0..args.num_detokenizers {
                 DetokenizerService::new(bus.clone(), new_id(), detok_tokenizer.clone(), name.clone()).start();
-            }
-        }
-        if args.num_executors > 0 {
-            let bus = connect(&args.nats, Role::Executor).await?;
-            for _ in 0..args.num_executors {
-                start_executor(bus.clone(), &args.engine, &args.device, &name, None)?;
             }
         }
         run_gateway(connect(&args.nats, Role::Gateway).await?, &args.http).await

@@ -36,7 +36,7 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Serve a model: gateway, tokenizer, scheduler, executor(s) and detokenizer in one process,
     /// talking over NATS (a loopback nats-server is started when none is reachable).
-    Serve(launch::ServeArgs),
+    Serve(Box<launch::ServeArgs>),
     /// The OpenAI-compatible HTTP gateway.
     Gateway(launch::GatewayArgs),
     /// The tokenizer service (validation, chat templates, tokenization; a NATS queue group).
@@ -56,14 +56,14 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(model_as_flag(std::env::args_os().collect()));
     pagemesh_bus::logging::init(cli.log_format);
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::SynthModel(args) => synth::run(args),
         Command::GgufInfo(args) => gguf_info::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Serve(args) => launch::serve(args),
+        Command::Serve(args) => launch::serve(*args),
         Command::Gateway(args) => launch::gateway(args),
         Command::Tokenizer(args) => launch::tokenizer(args),
         Command::Scheduler(args) => launch::scheduler(args),
@@ -75,5 +75,33 @@ fn main() {
     if let Err(message) = result {
         eprintln!("error: {message}");
         std::process::exit(1);
+    }
+}
+
+/// `pagemesh serve MODEL [flags]`, as `vllm serve MODEL` is written: the model named first,
+/// without `--model`, becomes `--model MODEL`.
+fn model_as_flag(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let names_model = |arg: &std::ffi::OsString| !arg.to_string_lossy().starts_with('-');
+    if args.get(1).is_some_and(|a| a == "serve") && args.get(2).is_some_and(names_model) {
+        args.insert(2, "--model".into());
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(line: &str) -> Vec<std::ffi::OsString> {
+        line.split(' ').map(Into::into).collect()
+    }
+
+    #[test]
+    fn a_model_named_first_after_serve_becomes_the_model_flag() {
+        assert_eq!(model_as_flag(words("pagemesh serve m --port 1")), words("pagemesh serve --model m --port 1"));
+        assert_eq!(model_as_flag(words("pagemesh serve --model m")), words("pagemesh serve --model m"));
+        assert_eq!(model_as_flag(words("pagemesh generate m")), words("pagemesh generate m"));
+        let parsed = Cli::try_parse_from(model_as_flag(words("pagemesh serve owner/name --port 9")));
+        assert!(parsed.is_ok(), "{}", parsed.err().map(|e| e.to_string()).unwrap_or_default());
     }
 }

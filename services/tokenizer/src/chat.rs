@@ -159,13 +159,24 @@ impl ChatTemplate {
         }
     }
 
+    /// The template `source` (given instead of the model's own, as `--chat-template` does),
+    /// with the special tokens of the tokenizer at `model` (a directory or a GGUF file) as
+    /// [`Self::load`] finds them.
+    pub fn load_with_source(model: &Path, source: &str) -> Result<Self, TokenizerError> {
+        let tokens = match pagemesh_gguf::model_file(model) {
+            None => Self::special_tokens_of_dir(model)?,
+            Some(file) => {
+                let gguf = pagemesh_gguf::GgufFile::open(&file).map_err(|e| load_error(&file, e))?;
+                crate::gguf_vocab::special_tokens(&gguf.header.metadata)
+            }
+        };
+        Self::from_source(source, tokens)
+    }
+
     /// The template of a Hugging Face model directory ([`Self::load`]).
     fn load_dir(model_dir: &Path) -> Result<Option<Self>, TokenizerError> {
         let config_path = model_dir.join("tokenizer_config.json");
         let config = read_json_if_exists(&config_path)?;
-        let map_path = model_dir.join("special_tokens_map.json");
-        let token_map = read_json_if_exists(&map_path)?;
-
         let jinja_path = model_dir.join("chat_template.jinja");
         let source = match std::fs::read_to_string(&jinja_path) {
             Ok(text) => Some(text),
@@ -178,20 +189,28 @@ impl ChatTemplate {
         let Some(source) = source else {
             return Ok(None);
         };
+        Self::from_source(&source, Self::special_tokens_of_dir(model_dir)?).map(Some)
+    }
 
+    /// The special tokens `tokenizer_config.json` names, `special_tokens_map.json` filling the
+    /// ones it lacks.
+    fn special_tokens_of_dir(model_dir: &Path) -> Result<SpecialTokens, TokenizerError> {
+        let config_path = model_dir.join("tokenizer_config.json");
+        let config = read_json_if_exists(&config_path)?;
+        let map_path = model_dir.join("special_tokens_map.json");
+        let token_map = read_json_if_exists(&map_path)?;
         let token = |name: &str| -> Result<Option<String>, TokenizerError> {
             if let Some(t) = config.as_ref().map(|c| special_token(c, name, &config_path)).transpose()?.flatten() {
                 return Ok(Some(t));
             }
             Ok(token_map.as_ref().map(|m| special_token(m, name, &map_path)).transpose()?.flatten())
         };
-        let tokens = SpecialTokens {
+        Ok(SpecialTokens {
             bos: token("bos_token")?,
             eos: token("eos_token")?,
             unk: token("unk_token")?,
             pad: token("pad_token")?,
-        };
-        Self::from_source(&source, tokens).map(Some)
+        })
     }
 
     /// Compiles a template's source. Syntax errors are reported here.

@@ -170,6 +170,11 @@ impl Vocabulary {
 /// the BOS, EOS, unknown and padding tokens it renders with; `None` when the file has none.
 pub fn chat_template(metadata: &BTreeMap<String, Value>) -> Option<(String, SpecialTokens)> {
     let template = metadata.get("tokenizer.chat_template").and_then(Value::as_str)?;
+    Some((template.to_owned(), special_tokens(metadata)))
+}
+
+/// The texts of the special tokens a GGUF vocabulary names (bos, eos, unk, pad).
+pub fn special_tokens(metadata: &BTreeMap<String, Value>) -> SpecialTokens {
     let text_of = |key: &str| -> Option<String> {
         let id = usize::try_from(metadata.get(key).and_then(Value::as_u64)?).ok()?;
         match metadata.get("tokenizer.ggml.tokens") {
@@ -177,13 +182,12 @@ pub fn chat_template(metadata: &BTreeMap<String, Value>) -> Option<(String, Spec
             _ => None,
         }
     };
-    let tokens = SpecialTokens {
+    SpecialTokens {
         bos: text_of("tokenizer.ggml.bos_token_id"),
         eos: text_of("tokenizer.ggml.eos_token_id"),
         unk: text_of("tokenizer.ggml.unknown_token_id"),
         pad: text_of("tokenizer.ggml.padding_token_id"),
-    };
-    Some((template.to_owned(), tokens))
+    }
 }
 
 /// Builds the tokenizer a GGUF file's metadata describes.

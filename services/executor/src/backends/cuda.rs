@@ -43,7 +43,7 @@ where
 fn load_config(args: &EngineArgs, device: &DeviceArgs, block_size: usize) -> GpuLoadConfig {
     GpuLoadConfig {
         model_dir: args.model.clone(),
-        dtype: args.dtype,
+        dtype: args.dtype.0,
         block_size,
         num_device_blocks: args.num_device_blocks,
         num_host_blocks: args.num_host_blocks,

@@ -65,7 +65,14 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     /// The backend of an executor for `args`' model on this device, and its engine config.
+    /// Its `max_model_len` fits the pool it got (see [`EngineArgs::fit_max_model_len`]).
     pub fn executor_backend(&self, args: &EngineArgs) -> Result<(Box<dyn StepBackend>, EngineConfig), String> {
+        let (backend, mut config) = self.unfitted_backend(args)?;
+        config.max_model_len = args.fit_max_model_len(config.max_model_len, config.num_device_blocks)?;
+        Ok((backend, config))
+    }
+
+    fn unfitted_backend(&self, args: &EngineArgs) -> Result<(Box<dyn StepBackend>, EngineConfig), String> {
         if let Some(kind) = args.quantization.filter(|_| self.device != "cpu") {
             return Err(format!(
                 "--quantization {} runs on the CPU backend only (--device {} loads weights as f32/f16/bf16)",

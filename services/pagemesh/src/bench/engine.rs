@@ -82,7 +82,7 @@ pub fn run(args: EngineBenchArgs) -> Result<(), String> {
         {
             pagemesh_executor::backends::cuda::check_device(&args.device, &args.engine)?;
             let mut engine = pagemesh_engine::build_on(&args.engine, &args.device)?;
-            let dtype = match args.engine.dtype {
+            let dtype = match args.engine.dtype.0 {
                 Some(d) => format!("{d:?}"),
                 None => {
                     let store = WeightStore::open(&args.engine.model).map_err(|e| e.to_string())?;

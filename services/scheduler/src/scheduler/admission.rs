@@ -54,6 +54,19 @@ impl Scheduler {
         }
     }
 
+    /// The most output tokens a request of `prompt_len` prompt tokens and `n` samples may ask
+    /// for and still pass the length and pool checks of [`Scheduler::add_request`] (0: not
+    /// even one).
+    pub fn max_admissible_output(&self, prompt_len: usize, n: usize) -> usize {
+        let cfg = &self.config;
+        let blocks_each = cfg.num_device_blocks / n.max(1);
+        if self.blocks.blocks_for(self.reserved_len(0)) > blocks_each {
+            return 0;
+        }
+        let longest = cfg.max_model_len.min(blocks_each.saturating_mul(cfg.block_size));
+        longest.saturating_sub(prompt_len)
+    }
+
     fn check_admission(&self, req: &NewRequest) -> Result<(), AdmissionError> {
         if !req.resumed_output.is_empty() && (req.params.n != 1 || req.resumed_output.len() >= req.params.max_tokens) {
             return Err(AdmissionError::Invalid(

@@ -80,6 +80,25 @@ fn check(s: &Scheduler) {
 }
 
 #[test]
+fn the_most_admissible_output_is_exactly_the_edge_of_admission() {
+    for cfg in [config(4, 10, 0, 8, 64), contiguous_config(KvAllocation::Contiguous), config(4, 100, 0, 8, 64)] {
+        for (prompt_len, n) in [(1, 1), (7, 1), (7, 2), (30, 1), (39, 1), (40, 1), (70, 1)] {
+            if n > 1 && cfg.kv_allocation.is_contiguous() {
+                continue; // the contiguous allocators take n = 1 only
+            }
+            let mut h = Harness::new(cfg.clone(), vec![0], VOCAB);
+            let most = h.sched.max_admissible_output(prompt_len, n);
+            let request =
+                |id, max_tokens| new_req(id, prompt(id as u32, prompt_len), SamplingParams { n, ..params(max_tokens) });
+            if most > 0 {
+                assert!(h.sched.add_request(request(1, most)).is_ok(), "{prompt_len}+{most} (n={n}) fits");
+            }
+            assert!(h.sched.add_request(request(2, most + 1)).is_err(), "{prompt_len}+{} (n={n}) must not", most + 1);
+        }
+    }
+}
+
+#[test]
 fn a_finished_sequence_leaves_and_a_waiting_one_joins_the_next_step() {
     let mut h = Harness::new(config(4, 64, 0, 2, 64), vec![0], VOCAB);
     h.keep_plans = true;

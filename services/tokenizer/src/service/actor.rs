@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 use crate::TextTokenizer;
 use actix::prelude::*;
 use pagemesh_shared::field_errors::field_error;
+use pagemesh_shared::generation_defaults::GenerationDefaults;
 use pagemesh_shared::limits::{self, ModelLimits};
 use pagemesh_shared::metrics::{self as names, labels};
 use pagemesh_shared::protocol::{ErrorKind, ErrorReply, GenerateRequest, Prompt, SubmitRequest, TextOptions};
 use pagemesh_shared::sampling::SamplingParams;
 use pagemesh_shared::subjects::TOKENIZER_QUEUE;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -33,6 +36,12 @@ pub struct ModelInfo {
     pub max_model_len: usize,
     /// Vocabulary size of the model.
     pub vocab_size: usize,
+    /// The model's sampling defaults (`generation_config.json`).
+    pub generation: GenerationDefaults,
+    /// Most logprobs a request may ask for (`--max-logprobs`).
+    pub max_logprobs: usize,
+    /// Seed of the seeds drawn for requests that name none (`--seed`; none: from the OS).
+    pub seed: Option<u64>,
 }
 
 /// The tokenizer service.
@@ -50,6 +59,8 @@ struct Tokenizing {
     tokenizer: Arc<TextTokenizer>,
     renderer: PromptRenderer,
     model: ModelInfo,
+    /// Draws the seeds of requests that name none.
+    seeds: std::sync::Mutex<StdRng>,
 }
 
 /// Most messages tokenized at once by one tokenizer service (the others wait their turn).
@@ -114,7 +125,11 @@ fn invalid(message: impl Into<String>) -> Rejection {
 impl TokenizerService {
     /// A tokenizer service for one model.
     pub fn new(bus: Bus, tokenizer: Arc<TextTokenizer>, renderer: PromptRenderer, model: ModelInfo) -> Self {
-        let work = Arc::new(Tokenizing { tokenizer, renderer, model });
+        let seeds = std::sync::Mutex::new(match model.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        });
+        let work = Arc::new(Tokenizing { tokenizer, renderer, model, seeds });
         Self { bus, work, permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WORK)) }
     }
 }
@@ -171,11 +186,20 @@ impl Tokenizing {
             // Chat without max_tokens: up to the end of the context.
             defaults.max_tokens = self.model.max_model_len.saturating_sub(prompt_token_ids.len()).max(1);
         }
-        let params = request.sampling.clone().over(defaults);
+        self.model.generation.lay_under(&mut defaults);
+        let mut params = request.sampling.clone().over(defaults);
+        self.model.generation.cap(&mut params);
         params.validate().map_err(|m| fail(invalid(m)))?;
         params.check_vocab(self.model.vocab_size).map_err(|m| fail(invalid(m)))?;
         let stop = request.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-        let seed = params.seed.unwrap_or_else(rand::random);
+        if let Some(k) = params.logprobs.filter(|&k| k > self.model.max_logprobs) {
+            let most = self.model.max_logprobs;
+            return Err(fail(invalid(format!("logprobs ({k}) exceeds this server's --max-logprobs ({most})"))));
+        }
+        let seed = match params.seed {
+            Some(seed) => seed,
+            None => self.seeds.lock().map(|mut rng| rng.gen()).unwrap_or_else(|_| rand::random()),
+        };
         let submit = SubmitRequest {
             request_id: request_id.clone(),
             reply_to: reply_to.to_string(),
@@ -185,6 +209,7 @@ impl Tokenizing {
             stop,
             owner: None,
             user: request.user.clone(),
+            max_tokens_is_default: request.sampling.max_tokens.is_none(),
             stream: request.stream.unwrap_or(true),
             text: TextOptions {
                 skip_special_tokens: request.skip_special_tokens.unwrap_or(true),

@@ -15,6 +15,11 @@ impl PromptRenderer {
         Ok(Self { template: ChatTemplate::load(model_dir).map_err(|e| e.to_string())? })
     }
 
+    /// A renderer of the template `source`, with the special tokens of the tokenizer at `model`.
+    pub fn with_template(model: &Path, source: &str) -> Result<Self, String> {
+        Ok(Self { template: Some(ChatTemplate::load_with_source(model, source).map_err(|e| e.to_string())?) })
+    }
+
     /// The rendered prompt text.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, String> {
         let template = self.template.as_ref().ok_or_else(|| {

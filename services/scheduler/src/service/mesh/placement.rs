@@ -133,14 +133,22 @@ impl MeshScheduler {
         let resumed_output = if resumed { state.generated[0].clone() } else { Vec::new() };
         let core_id = self.next_core_id;
         self.next_core_id += 1;
+        let Some(slot) = self.executors.get_mut(&target) else { return };
+        let mut params = submit.params.clone();
+        if submit.max_tokens_is_default {
+            // The request did not choose this length: hold it to what this executor can hold.
+            let fits = slot.core.max_admissible_output(submit.prompt_token_ids.len(), params.n);
+            params.max_tokens = params.max_tokens.min(fits.max(1));
+            params.min_tokens = params.min_tokens.min(params.max_tokens);
+        }
+        let lengths = (params.max_tokens, params.min_tokens);
         let new = NewRequest {
             request_id: core_id,
             prompt_token_ids: submit.prompt_token_ids.clone(),
-            params: submit.params.clone(),
+            params,
             seed: submit.seed,
             resumed_output,
         };
-        let Some(slot) = self.executors.get_mut(&target) else { return };
         if let Err(e) = slot.core.add_request(new) {
             let kind = match e {
                 AdmissionError::QueueFull { .. } => ErrorKind::Overloaded,
@@ -168,6 +176,8 @@ impl MeshScheduler {
             false => state.detokenizer.clone(),
         };
         let Some(state) = self.requests.get_mut(request_id) else { return };
+        // What its stream (and a scheduler taking it over) knows is the length it runs with.
+        (state.submit.params.max_tokens, state.submit.params.min_tokens) = lengths;
         tracing::debug!(request_id, executor = %target, resumed, "scheduler: request placed");
         state.placed = Some(Placement { executor: target.clone(), core_id });
         if needs_detokenizer {

@@ -79,6 +79,8 @@ impl RequestState {
             text: open.text,
             owner: open.owner,
             user: None,
+            // The stream holds the length its first executor could hold.
+            max_tokens_is_default: false,
         };
         Self {
             submit,

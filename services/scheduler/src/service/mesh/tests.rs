@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use pagemesh_shared::link::LinkState;
-use pagemesh_shared::protocol::{DetokenizerAck, DetokenizerEvent, SchedulerHeartbeat, StreamState};
+use pagemesh_shared::protocol::{DetokenizerAck, DetokenizerEvent, SchedulerHeartbeat, StreamState, SubmitRequest};
+use pagemesh_shared::FinishReason;
 
 use super::world::{self, expected_tokens, submit, World, HEARTBEAT_TIMEOUT};
 use super::{Effect, Event, Identity, MeshScheduler};
@@ -269,6 +270,26 @@ fn a_request_no_executor_can_hold_fails_alone_and_the_running_ones_keep_their_to
     w.assert_every_request_ended_once();
     w.assert_all_free();
     assert_eq!(w.clients["r0"].errors, 0);
+}
+
+#[test]
+fn a_default_length_the_pool_cannot_hold_is_lowered_to_what_it_holds_and_a_chosen_one_is_refused() {
+    // 12 blocks of 4 tokens: 48 positions, less than the 64-token context a default fills.
+    let mut w = mesh(&[12]);
+    let chosen = submit("chosen", prompt(10, 1), 1, 54, 1);
+    w.submit(chosen);
+    assert_eq!(w.clients["chosen"].errors, 1, "a length the client chose is refused when it cannot fit");
+    let defaulted = SubmitRequest { max_tokens_is_default: true, ..submit("default", prompt(10, 2), 1, 54, 2) };
+    w.submit(defaulted);
+    w.settle(200);
+    let view = &w.clients["default"];
+    assert_eq!(view.errors, 0);
+    let expected = expected_tokens(2, 0, 38);
+    assert_eq!(view.tokens[0], expected, "the default ran to the 38 tokens the pool holds after the prompt");
+    if expected.len() == 38 {
+        assert_eq!(view.finishes[0], [FinishReason::Length]);
+    }
+    w.assert_all_free();
 }
 
 #[test]

@@ -68,6 +68,7 @@ pub(super) fn submit(id: &str, prompt: Vec<u32>, n: usize, max_tokens: usize, se
         text: TextOptions::default(),
         owner: None,
         user: None,
+        max_tokens_is_default: false,
     }
 }
 
