@@ -73,6 +73,11 @@ pub const REQUEST_BUCKETS: &[f64] = &[
 /// Tokenizer and detokenizer work (seconds): microseconds to a second.
 pub const CODEC_BUCKETS: &[f64] =
     &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+/// Tokens per request: 1 to a million.
+pub const REQUEST_TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 50000.0, 100000.0,
+    200000.0, 500000.0, 1000000.0,
+];
 /// Sequences per step.
 pub const BATCH_SEQUENCE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 /// Tokens per step.
@@ -143,6 +148,14 @@ pub const INTER_TOKEN_LATENCY: &str = "pagemesh_inter_token_latency_seconds";
 pub const E2E_REQUEST_LATENCY: &str = "pagemesh_e2e_request_latency_seconds";
 /// From arrival to the first step that runs the request (histogram; model).
 pub const QUEUE_TIME: &str = "pagemesh_queue_time_seconds";
+/// From a request's first token to its end on the executor (histogram; model).
+pub const DECODE_TIME: &str = "pagemesh_decode_time_seconds";
+/// Prompt tokens of each finished request (histogram; model).
+pub const REQUEST_PROMPT_TOKENS: &str = "pagemesh_request_prompt_tokens";
+/// Tokens each finished request generated, all its samples together (histogram; model).
+pub const REQUEST_GENERATION_TOKENS: &str = "pagemesh_request_generation_tokens";
+/// Tokens of each finished request's longest sample (histogram; model).
+pub const REQUEST_MAX_GENERATION_TOKENS: &str = "pagemesh_request_max_generation_tokens";
 /// From the first step that runs the request to its first token (histogram; model).
 pub const PREFILL_TIME: &str = "pagemesh_prefill_time_seconds";
 /// A step's round trip, scheduler → executor → scheduler (histogram; model, executor).
@@ -223,6 +236,18 @@ pub const ALL: &[MetricDef] = &[
     histogram(E2E_REQUEST_LATENCY, "Seconds from arrival at the scheduler to the end of the request.", REQUEST_BUCKETS),
     histogram(QUEUE_TIME, "Seconds from arrival to the first step that runs the request.", REQUEST_BUCKETS),
     histogram(PREFILL_TIME, "Seconds from the first step that runs the request to its first token.", LATENCY_BUCKETS),
+    histogram(DECODE_TIME, "Seconds from a request's first token to its end on the executor.", REQUEST_BUCKETS),
+    histogram(REQUEST_PROMPT_TOKENS, "Prompt tokens of each finished request.", REQUEST_TOKEN_BUCKETS),
+    histogram(
+        REQUEST_GENERATION_TOKENS,
+        "Tokens each finished request generated (its samples together).",
+        REQUEST_TOKEN_BUCKETS,
+    ),
+    histogram(
+        REQUEST_MAX_GENERATION_TOKENS,
+        "Tokens of each finished request's longest sample.",
+        REQUEST_TOKEN_BUCKETS,
+    ),
     histogram(STEP_DURATION, "Seconds of a step's round trip, scheduler to executor and back.", LATENCY_BUCKETS),
     histogram(STEP_BATCH_SEQUENCES, "Sequences in a step.", BATCH_SEQUENCE_BUCKETS),
     histogram(STEP_BATCH_TOKENS, "Tokens fed in a step.", BATCH_TOKEN_BUCKETS),

@@ -311,6 +311,52 @@ def test_every_dashboard_query_returns_data(prometheus, traffic):
     assert not empty, f"dashboard queries with no data: {empty}"
 
 
+# The queries of vLLM's Grafana dashboard (vllm-project/vllm,
+# examples/online_serving/prometheus_grafana/grafana.json, read 2026-12-02), one per panel target,
+# with its `$model_name` template variable and `$__rate_interval`.
+VLLM_DASHBOARD = [
+    *[f'histogram_quantile({q}, sum by(le) (rate(vllm:e2e_request_latency_seconds_bucket{{model_name="$model_name"}}[$__rate_interval])))'
+      for q in ("0.99", "0.95", "0.9", "0.5")],
+    'rate(vllm:e2e_request_latency_seconds_sum{model_name="$model_name"}[$__rate_interval])\n/\n'
+    'rate(vllm:e2e_request_latency_seconds_count{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:prompt_tokens_total{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:generation_tokens_total{model_name="$model_name"}[$__rate_interval])',
+    *[f'histogram_quantile({q}, sum by(le) (rate(vllm:time_per_output_token_seconds_bucket{{model_name="$model_name"}}[$__rate_interval])))'
+      for q in ("0.99", "0.95", "0.9", "0.5")],
+    'rate(vllm:time_per_output_token_seconds_sum{model_name="$model_name"}[$__rate_interval])\n/\n'
+    'rate(vllm:time_per_output_token_seconds_count{model_name="$model_name"}[$__rate_interval])',
+    'vllm:num_requests_running{model_name="$model_name"}',
+    'vllm:num_requests_waiting{model_name="$model_name"}',
+    *[f'histogram_quantile({q}, sum by(le) (rate(vllm:time_to_first_token_seconds_bucket{{model_name="$model_name"}}[$__rate_interval])))'
+      for q in ("0.99", "0.95", "0.9", "0.5")],
+    'rate(vllm:time_to_first_token_seconds_sum{model_name="$model_name"}[$__rate_interval])\n/\n'
+    'rate(vllm:time_to_first_token_seconds_count{model_name="$model_name"}[$__rate_interval])',
+    'vllm:gpu_cache_usage_perc{model_name="$model_name"}',
+    'sum by(le) (increase(vllm:request_prompt_tokens_bucket{model_name="$model_name"}[$__rate_interval]))',
+    'sum by(le) (increase(vllm:request_generation_tokens_bucket{model_name="$model_name"}[$__rate_interval]))',
+    'sum by(finished_reason) (increase(vllm:request_success_total{model_name="$model_name"}[$__rate_interval]))',
+    'rate(vllm:request_queue_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_prefill_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_decode_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_max_num_generation_tokens_sum{model_name="$model_name"}[$__rate_interval])',
+]
+# The dashboard's `model_name` variable: label_values({__name__=~"vllm:.*"}, model_name).
+VLLM_MODEL_NAMES = 'count by (model_name) ({__name__=~"vllm:.*"})'
+
+
+def test_every_query_of_vllms_dashboard_returns_data(prometheus, traffic):
+    models = {r["metric"]["model_name"] for r in prometheus.query(VLLM_MODEL_NAMES)}
+    assert models == {MODEL.name}, models
+    # 1m is what Grafana makes of $__rate_interval at this scrape interval (4 scrapes and more).
+    empty = [expr for expr in VLLM_DASHBOARD
+             if not prometheus.query(expr.replace("$model_name", MODEL.name).replace("$__rate_interval", "1m"))]
+    assert not empty, f"vLLM dashboard queries with no data: {empty}"
+    # The vLLM view is the same samples as pagemesh's own.
+    assert prometheus.value("sum(vllm:generation_tokens_total)") == traffic["completion_tokens"]
+    assert prometheus.value(f'sum(vllm:request_success_total{{finished_reason="length",model_name="{MODEL.name}"}})') \
+        == traffic["requests"]
+
+
 def test_alert_rules_are_loaded_and_evaluated(prometheus, traffic):
     groups = prometheus.api("rules")["groups"]
     rules = [r for g in groups for r in g["rules"]]

@@ -4,7 +4,9 @@ spellings), the model's generation_config.json defaults, a chat without `max_tok
 pool smaller than the context, `--seed`, `--max-logprobs` and CORS."""
 
 import json
+import re
 import shutil
+import time
 import urllib.request
 
 import openai
@@ -200,3 +202,17 @@ def test_a_vllm_style_command_line_serves(nats, tmp_path_factory):
         assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
     finally:
         p.stop()
+
+
+def test_unknown_fields_are_ignored_with_a_warning_and_small_endpoints_answer(mesh):
+    c = client(mesh)
+    r = c.completions.create(model="stories260K", prompt=PROMPT, max_tokens=3, temperature=0,
+                             extra_body={"frobnicate_xyz": 1, "guided_whatever": {"a": 1}})
+    assert r.usage.completion_tokens == 3
+    wait_for(lambda: "frobnicate_xyz" in open(mesh.serve.log.name).read(), timeout=5, what="the warning")
+    log = [line for line in open(mesh.serve.log.name) if "frobnicate_xyz" in line]
+    assert "WARN" in log[0] and "guided_whatever" in log[0], log
+    status, version = http_json(mesh.base + "/version")
+    assert status == 200 and re.fullmatch(r"\d+\.\d+\.\d+.*", version["version"]), version
+    card = c.models.list().data[0]
+    assert card.id == "stories260K" and abs(card.created - time.time()) < 3600, card

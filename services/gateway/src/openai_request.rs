@@ -158,6 +158,9 @@ pub struct Generation {
     pub samples_per_prompt: usize,
     /// Whether log-probabilities were asked for.
     pub with_logprobs: bool,
+    /// Fields of the body this server does not know, left out (as vLLM leaves them out, with a
+    /// warning in its log).
+    pub ignored_fields: Vec<String>,
 }
 
 impl Generation {
@@ -173,16 +176,59 @@ const FORMS: &[(&str, &str)] = &[
     ("stop", "`stop` must be a string or a list of strings"),
 ];
 
-/// Reads a body as `T`; an error names the field it is about.
-fn read<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiError> {
+/// Most unknown fields left out of one body; a body with more is refused.
+const MAX_IGNORED_FIELDS: usize = 64;
+
+/// Reads a body as `T`, leaving out the top-level fields `T` does not know (named in the
+/// answer's second part), as vLLM's OpenAI server does; any other error names its field.
+fn read<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<(T, Vec<String>), ApiError> {
+    let mut body = body.clone();
+    let mut ignored = Vec::new();
+    loop {
+        match read_strictly(&body) {
+            Ok(value) => return Ok((value, ignored)),
+            Err(Unread::Unknown(field)) if body.contains_key(&field) && ignored.len() < MAX_IGNORED_FIELDS => {
+                body.remove(&field);
+                ignored.push(field);
+            }
+            Err(Unread::Unknown(field)) => {
+                let message = match body.contains_key(&field) {
+                    true => format!("more than {MAX_IGNORED_FIELDS} unknown fields"),
+                    false => format!("unknown field `{field}`"),
+                };
+                return Err(bad_request(message, Some(&field)));
+            }
+            Err(Unread::Invalid(e)) => return Err(e),
+        }
+    }
+}
+
+/// Why a body does not read as a type.
+enum Unread {
+    /// A field the type does not have.
+    Unknown(String),
+    /// Anything else, as the client's error.
+    Invalid(ApiError),
+}
+
+/// Reads a body as `T`, every field known; an error names the field it is about.
+fn read_strictly<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, Unread> {
     serde_path_to_error::deserialize(Value::Object(body.clone())).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.inner().to_string();
         let unknown = inner.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next());
-        let field = path.split(['.', '[']).next().unwrap_or_default().to_string();
         if let Some(field) = unknown {
-            return bad_request(format!("unknown field `{field}`"), Some(field));
+            return Unread::Unknown(field.to_string());
         }
+        Unread::Invalid(invalid_field::<T>(body, &path, &inner))
+    })
+}
+
+/// The client's error for a field of `body` that does not read as `T` says (`path`, `inner`).
+fn invalid_field<T: DeserializeOwned>(body: &Map<String, Value>, path: &str, inner: &str) -> ApiError {
+    {
+        let inner = inner.to_string();
+        let field = path.split(['.', '[']).next().unwrap_or_default().to_string();
         if let Some((_, form)) = FORMS.iter().find(|(name, _)| *name == field) {
             return bad_request(*form, Some(&field));
         }
@@ -194,16 +240,17 @@ fn read<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiError> {
             };
         }
         bad_request(format!("{path}: {inner}"), Some(&field))
-    })
+    }
 }
 
 /// Translates an OpenAI body into mesh generation requests. With one prompt the mesh request
 /// carries `request_id` itself; with several, `<request_id>-<k>` for prompt `k`.
 pub fn to_generate(endpoint: Endpoint, body: &Map<String, Value>, request_id: &str) -> Result<Generation, ApiError> {
-    match endpoint {
-        Endpoint::Completions => completion(read(body)?, request_id),
-        Endpoint::Chat => chat(read(body)?, request_id),
-    }
+    let (generation, ignored_fields) = match endpoint {
+        Endpoint::Completions => read(body).and_then(|(b, ignored)| Ok((completion(b, request_id)?, ignored)))?,
+        Endpoint::Chat => read(body).and_then(|(b, ignored)| Ok((chat(b, request_id)?, ignored)))?,
+    };
+    Ok(Generation { ignored_fields, ..generation })
 }
 
 impl CommonFields {
@@ -233,6 +280,7 @@ impl CommonFields {
             stream_options: self.stream_options.unwrap_or_default(),
             samples_per_prompt: samples_per_prompt.max(1),
             with_logprobs,
+            ignored_fields: Vec::new(),
         }
     }
 }
@@ -411,9 +459,23 @@ mod tests {
     }
 
     #[test]
-    fn wrong_and_unknown_fields_are_named() {
-        let e = completion(json!({"prompt": "a", "frobnicate": 1})).expect_err("refused");
-        assert_eq!((e.message.as_str(), e.param.as_deref()), ("unknown field `frobnicate`", Some("frobnicate")));
+    fn unknown_fields_are_left_out_and_named_as_vllm_does() {
+        let g = completion(json!({"prompt": "a", "frobnicate": 1, "max_tokens": 3, "zz": {"a": 1}})).expect("served");
+        assert_eq!(g.ignored_fields, ["frobnicate", "zz"]);
+        assert_eq!(g.requests[0].sampling.max_tokens, Some(3));
+        let mut many = json!({"prompt": "a"});
+        for i in 0..=MAX_IGNORED_FIELDS {
+            many[format!("x{i}")] = json!(i);
+        }
+        let e = completion(many).expect_err("refused");
+        assert!(e.message.contains("more than 64 unknown fields"), "{}", e.message);
+        let e = completion(json!({"prompt": "a", "stream_options": {"include_usage": true, "frob": 1}}))
+            .expect_err("an unknown field inside a known one is refused");
+        assert_eq!(e.param.as_deref(), Some("frob"), "{}", e.message);
+    }
+
+    #[test]
+    fn wrong_fields_are_named() {
         let e = completion(json!({"prompt": "a", "stream": "yes"})).expect_err("refused");
         assert_eq!(e.param.as_deref(), Some("stream"), "{}", e.message);
         let e = completion(json!({"prompt": "a", "temperature": "hot"})).expect_err("refused");

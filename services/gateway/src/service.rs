@@ -227,6 +227,9 @@ async fn generate_request(
             return api_error(&r);
         }
     };
+    if !generation.ignored_fields.is_empty() {
+        tracing::warn!(fields = ?generation.ignored_fields, "gateway: fields of the request not known here were ignored");
+    }
     tracing::debug!(
         ?endpoint,
         choices = generation.num_choices(),
@@ -444,6 +447,11 @@ async fn detokenize(state: web::Data<GatewayState>, req: HttpRequest, payload: w
     }
 }
 
+/// pagemesh's version, as vLLM's `/version` answers (`{"version": ...}`).
+async fn version() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
 async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
@@ -505,6 +513,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/tokenize", web::post().to(tokenize))
         .route("/detokenize", web::post().to(detokenize))
         .route("/health", web::get().to(health))
+        .route("/version", web::get().to(version))
         .route("/ready", web::get().to(ready))
         .route("/stats", web::get().to(stats))
         .default_service(web::to(not_found));

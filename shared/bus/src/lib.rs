@@ -8,7 +8,8 @@
 //! * [`logging`]: the services' logs, as text or JSON lines;
 //! * [`refusals`]: counting and logging invalid messages;
 //! * [`trace`]: one request followed across services (its id in NATS headers, log spans);
-//! * [`metrics_endpoint`]: each process's Prometheus recorder and `/metrics`.
+//! * [`metrics_endpoint`]: each process's Prometheus recorder and `/metrics`;
+//! * [`vllm_names`]: the same series under vLLM's metric names.
 
 pub mod bus;
 pub mod listen;
@@ -18,3 +19,4 @@ pub mod nats_auth;
 pub mod parts;
 pub mod refusals;
 pub mod trace;
+pub mod vllm_names;

@@ -80,7 +80,9 @@ pub fn install(service: &str) -> Result<PrometheusHandle, String> {
 /// Renders the installed recorder's metrics (404 when none is installed).
 pub async fn render() -> HttpResponse {
     match HANDLE.get() {
-        Some(handle) => HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(handle.render()),
+        Some(handle) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4")
+            .body(crate::vllm_names::with_vllm_names(&handle.render())),
         None => HttpResponse::NotFound().body("no metrics recorder in this process"),
     }
 }

@@ -178,6 +178,10 @@ pub struct ModelMetrics {
     e2e: Histogram,
     queue: Histogram,
     prefill: Histogram,
+    decode: Histogram,
+    prompt_tokens: Histogram,
+    generation_tokens: Histogram,
+    max_generation_tokens: Histogram,
 }
 
 impl ModelMetrics {
@@ -213,6 +217,10 @@ impl ModelMetrics {
             e2e: metrics::histogram!(names::E2E_REQUEST_LATENCY, &l()),
             queue: metrics::histogram!(names::QUEUE_TIME, &l()),
             prefill: metrics::histogram!(names::PREFILL_TIME, &l()),
+            decode: metrics::histogram!(names::DECODE_TIME, &l()),
+            prompt_tokens: metrics::histogram!(names::REQUEST_PROMPT_TOKENS, &l()),
+            generation_tokens: metrics::histogram!(names::REQUEST_GENERATION_TOKENS, &l()),
+            max_generation_tokens: metrics::histogram!(names::REQUEST_MAX_GENERATION_TOKENS, &l()),
         }
     }
 
@@ -300,9 +308,16 @@ impl RequestTiming {
         self.last_token = Some(now);
     }
 
-    /// The request ended on its executor at `now`.
-    pub fn finished(&self, metrics: &ModelMetrics, now: Instant) {
+    /// The request ended on its executor at `now`, with `prompt_len` prompt tokens and its
+    /// samples' generated token counts.
+    pub fn finished(&self, metrics: &ModelMetrics, now: Instant, prompt_len: usize, generated: &[usize]) {
         metrics.e2e.record(now.saturating_duration_since(self.arrival).as_secs_f64());
+        if let Some(first) = self.first_token {
+            metrics.decode.record(now.saturating_duration_since(first).as_secs_f64());
+        }
+        metrics.prompt_tokens.record(prompt_len as f64);
+        metrics.generation_tokens.record(generated.iter().sum::<usize>() as f64);
+        metrics.max_generation_tokens.record(generated.iter().copied().max().unwrap_or(0) as f64);
     }
 }
 
@@ -324,7 +339,7 @@ mod tests {
             timing.tokens(&model, t0 + std::time::Duration::from_millis(30));
             timing.tokens(&model, t0 + std::time::Duration::from_millis(40));
             timing.tokens(&model, t0 + std::time::Duration::from_millis(50));
-            timing.finished(&model, t0 + std::time::Duration::from_millis(50));
+            timing.finished(&model, t0 + std::time::Duration::from_millis(50), 7, &[3, 5]);
             model.error(ErrorKind::Overloaded);
             model.error(ErrorKind::InvalidRequest);
         });
@@ -335,6 +350,10 @@ mod tests {
             r#"pagemesh_prefill_time_seconds_count{model="m"} 1"#,
             r#"pagemesh_inter_token_latency_seconds_count{model="m"} 2"#,
             r#"pagemesh_e2e_request_latency_seconds_count{model="m"} 1"#,
+            r#"pagemesh_decode_time_seconds_count{model="m"} 1"#,
+            r#"pagemesh_request_prompt_tokens_sum{model="m"} 7"#,
+            r#"pagemesh_request_generation_tokens_sum{model="m"} 8"#,
+            r#"pagemesh_request_max_generation_tokens_sum{model="m"} 5"#,
             r#"pagemesh_requests_rejected_total{model="m"} 1"#,
             r#"pagemesh_request_errors_total{model="m",kind="overloaded"} 1"#,
             r#"pagemesh_request_errors_total{model="m",kind="invalid_request"} 1"#,

@@ -61,6 +61,8 @@ struct Tokenizing {
     model: ModelInfo,
     /// Draws the seeds of requests that name none.
     seeds: std::sync::Mutex<StdRng>,
+    /// When the service started (Unix seconds): the model card's `created`, as vLLM's.
+    created: u64,
 }
 
 /// Most messages tokenized at once by one tokenizer service (the others wait their turn).
@@ -129,7 +131,8 @@ impl TokenizerService {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_entropy(),
         });
-        let work = Arc::new(Tokenizing { tokenizer, renderer, model, seeds });
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let work = Arc::new(Tokenizing { tokenizer, renderer, model, seeds, created });
         Self { bus, work, permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_WORK)) }
     }
 }
@@ -269,7 +272,8 @@ impl Tokenizing {
     }
 
     fn models(&self) -> Value {
-        json!({"object": "list", "data": [{"id": self.model.name, "object": "model", "owned_by": "pagemesh",
+        json!({"object": "list", "data": [{"id": self.model.name, "object": "model", "created": self.created,
+                                            "owned_by": "pagemesh", "root": self.model.name,
                                             "max_model_len": self.model.max_model_len}]})
     }
 }

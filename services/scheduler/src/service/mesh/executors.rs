@@ -173,7 +173,8 @@ impl MeshScheduler {
             let detokenizer = state.detokenizer.clone();
             if state.all_finished() {
                 tracing::debug!(request_id = %request_id, "scheduler: request done on its executor");
-                state.timing.finished(&self.metrics, now);
+                let generated: Vec<usize> = state.generated.iter().map(Vec::len).collect();
+                state.timing.finished(&self.metrics, now, state.submit.prompt_token_ids.len(), &generated);
                 // Done on the executor; the state stays until the detokenizer's last chunk is
                 // out (its ack), so that a lost detokenizer's stream can still be finished.
                 if let Some(placed) = state.placed.take() {
