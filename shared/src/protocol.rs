@@ -78,6 +78,10 @@ pub struct GenerateRequest {
     /// API key's (or the client address's) identity.
     #[serde(default)]
     pub user: Option<String>,
+    /// More variables for the chat template (`enable_thinking`, ...), as vLLM's
+    /// `chat_template_kwargs`; with `messages` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     /// Sampling parameters, named as in the OpenAI API; those left out take the server's
     /// defaults (`max_tokens`: 16 for a prompt, the rest of the context for `messages`).
     #[serde(flatten)]

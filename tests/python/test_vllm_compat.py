@@ -216,3 +216,30 @@ def test_unknown_fields_are_ignored_with_a_warning_and_small_endpoints_answer(me
     assert status == 200 and re.fullmatch(r"\d+\.\d+\.\d+.*", version["version"]), version
     card = c.models.list().data[0]
     assert card.id == "stories260K" and abs(card.created - time.time()) < 3600, card
+
+
+def test_chat_template_kwargs_reach_the_template_and_unsupported_vllm_fields_are_refused(nats, tmp_path_factory):
+    template = "{{ bos_token }}{% if shout %}SHOUT {% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = model_copy(tmp_path_factory, "stories-kwargs", chat_template=template)
+    m = Mesh(nats, "kwargs", model=model)
+    try:
+        m.wait_ready()
+        c = client(m)
+        messages = [{"role": "user", "content": PROMPT}]
+        plain = c.chat.completions.create(model="stories-kwargs", messages=messages, max_tokens=1)
+        shout = c.chat.completions.create(model="stories-kwargs", messages=messages, max_tokens=1,
+                                          extra_body={"chat_template_kwargs": {"shout": True}})
+        assert shout.usage.prompt_tokens > plain.usage.prompt_tokens, (plain.usage, shout.usage)
+        # Fields vLLM serves and pagemesh does not yet: a clear 400 naming them, never ignored.
+        for extra in ({"response_format": {"type": "json_object"}}, {"guided_regex": "[ab]+"},
+                      {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}):
+            with pytest.raises(openai.BadRequestError) as refused:
+                c.chat.completions.create(model="stories-kwargs", messages=messages, max_tokens=1, extra_body=extra)
+            field = next(iter(extra))
+            assert f"`{field}` is not supported" in str(refused.value), refused.value
+        # What clients send by default asks for nothing and is served.
+        ok = c.chat.completions.create(model="stories-kwargs", messages=messages, max_tokens=1,
+                                       extra_body={"tools": [], "tool_choice": "none"})
+        assert ok.usage.completion_tokens == 1
+    finally:
+        m.stop()

@@ -126,6 +126,8 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// With `logprobs`: this many alternatives per token.
     pub top_logprobs: Option<usize>,
+    /// vLLM's: more variables for the chat template.
+    pub chat_template_kwargs: Option<Map<String, Value>>,
     /// The fields both endpoints take.
     #[serde(flatten)]
     pub common: CommonFields,
@@ -179,9 +181,46 @@ const FORMS: &[(&str, &str)] = &[
 /// Most unknown fields left out of one body; a body with more is refused.
 const MAX_IGNORED_FIELDS: usize = 64;
 
+/// Fields vLLM serves and this server does not yet: refused rather than left out, since an
+/// answer that ignored them would look right and be wrong (unconstrained text where JSON or a
+/// tool call was asked for).
+const NOT_YET_SUPPORTED: &[&str] = &[
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "structured_outputs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "prompt_logprobs",
+    "use_beam_search",
+];
+
+/// Whether a field's value asks for nothing (absent in effect): null, an empty list, `"none"`
+/// for `tool_choice`, or the plain-text `response_format`.
+fn asks_nothing(field: &str, value: &Value) -> bool {
+    match (field, value) {
+        (_, Value::Null) => true,
+        (_, Value::Array(items)) => items.is_empty(),
+        (_, Value::Bool(false)) => true,
+        ("tool_choice" | "function_call", Value::String(s)) => s == "none",
+        ("response_format", Value::Object(format)) => format.get("type").and_then(Value::as_str) == Some("text"),
+        _ => false,
+    }
+}
+
 /// Reads a body as `T`, leaving out the top-level fields `T` does not know (named in the
 /// answer's second part), as vLLM's OpenAI server does; any other error names its field.
 fn read<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<(T, Vec<String>), ApiError> {
+    if let Some((field, _)) = body.iter().find(|(k, v)| NOT_YET_SUPPORTED.contains(&k.as_str()) && !asks_nothing(k, v))
+    {
+        return Err(bad_request(format!("`{field}` is not supported by this server yet"), Some(field)));
+    }
     let mut body = body.clone();
     let mut ignored = Vec::new();
     loop {
@@ -267,6 +306,7 @@ impl CommonFields {
             skip_special_tokens: self.skip_special_tokens,
             include_stop_str_in_output: self.include_stop_str_in_output,
             user: None,
+            chat_template_kwargs: None,
             sampling,
         }
     }
@@ -351,6 +391,7 @@ fn chat(body: ChatCompletionRequest, request_id: &str) -> Result<Generation, Api
     let request = GenerateRequest {
         messages: Some(messages),
         add_generation_prompt: body.add_generation_prompt,
+        chat_template_kwargs: body.chat_template_kwargs,
         ..body.common.mesh_request(request_id.to_string(), sampling)
     };
     Ok(body.common.generation(vec![request], n, with_logprobs))
@@ -472,6 +513,29 @@ mod tests {
         let e = completion(json!({"prompt": "a", "stream_options": {"include_usage": true, "frob": 1}}))
             .expect_err("an unknown field inside a known one is refused");
         assert_eq!(e.param.as_deref(), Some("frob"), "{}", e.message);
+    }
+
+    #[test]
+    fn what_vllm_serves_and_this_server_does_not_yet_is_refused_by_name() {
+        let e = completion(json!({"prompt": "a", "response_format": {"type": "json_object"}})).expect_err("refused");
+        assert_eq!(e.param.as_deref(), Some("response_format"), "{}", e.message);
+        let chat = |extra: Value| {
+            let mut body = json!({"messages": [{"role": "user", "content": "Hi"}]});
+            body.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+            to_generate(Endpoint::Chat, &object(body), "c")
+        };
+        let e = chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})).expect_err("refused");
+        assert_eq!(e.param.as_deref(), Some("tools"));
+        let e = chat(json!({"guided_choice": ["a", "b"]})).expect_err("refused");
+        assert_eq!(e.param.as_deref(), Some("guided_choice"));
+        // Asking for nothing is fine, as clients send these by default.
+        let g =
+            chat(json!({"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "functions": null}))
+                .expect("served");
+        assert_eq!(g.ignored_fields, ["functions", "response_format", "tool_choice", "tools"]);
+        let g = chat(json!({"chat_template_kwargs": {"enable_thinking": false}})).expect("served");
+        let kwargs = g.requests[0].chat_template_kwargs.as_ref().expect("passed on");
+        assert_eq!(kwargs["enable_thinking"], json!(false));
     }
 
     #[test]

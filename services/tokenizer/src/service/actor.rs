@@ -171,6 +171,9 @@ impl Tokenizing {
         self.check_model(request.model.as_deref()).map_err(fail)?;
         let prompt_token_ids = match (&request.prompt, &request.messages) {
             (Some(_), Some(_)) => return Err(fail(invalid("give either `prompt` or `messages`, not both"))),
+            (Some(_), None) if request.chat_template_kwargs.is_some() => {
+                return Err(fail(invalid("`chat_template_kwargs` goes with `messages`, not `prompt`")))
+            }
             (None, None) => return Err(fail(invalid("missing `prompt` (or `messages`)"))),
             (Some(Prompt::Text(text)), None) => {
                 self.tokenizer.encode(text).map_err(|e| fail(invalid(e.to_string())))?
@@ -181,7 +184,8 @@ impl Tokenizing {
                     return Err(fail(invalid("`messages` must not be empty")));
                 }
                 let add = request.add_generation_prompt.unwrap_or(true);
-                self.renderer.tokenize(&self.tokenizer, messages, add).map_err(|m| fail(invalid(m)))?
+                let kwargs = request.chat_template_kwargs.as_ref();
+                self.renderer.tokenize(&self.tokenizer, messages, add, kwargs).map_err(|m| fail(invalid(m)))?
             }
         };
         let mut defaults = SamplingParams::default();
@@ -238,7 +242,7 @@ impl Tokenizing {
                 self.tokenizer.encode_with(&text, request.add_special_tokens.unwrap_or(true)).map_err(|e| e.to_string())
             }
             (None, Some(messages)) if !messages.is_empty() => {
-                self.renderer.tokenize(&self.tokenizer, &messages, request.add_generation_prompt.unwrap_or(true))
+                self.renderer.tokenize(&self.tokenizer, &messages, request.add_generation_prompt.unwrap_or(true), None)
             }
             _ => Err("give either a non-empty `prompt` or non-empty `messages`".to_string()),
         };

@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
-use crate::{ChatMessage, ChatTemplate, TextTokenizer};
+use crate::{ChatMessage, ChatTemplate, RenderOptions, TemplateValue, TextTokenizer};
+
+/// Most extra template variables one request may pass.
+pub const MAX_TEMPLATE_KWARGS: usize = 32;
 
 /// Renders chat messages with the model's template.
 pub struct PromptRenderer {
@@ -20,12 +23,28 @@ impl PromptRenderer {
         Ok(Self { template: Some(ChatTemplate::load_with_source(model, source).map_err(|e| e.to_string())?) })
     }
 
-    /// The rendered prompt text.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, String> {
+    /// The rendered prompt text; `kwargs` are more template variables (`chat_template_kwargs`).
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<String, String> {
         let template = self.template.as_ref().ok_or_else(|| {
             "this model has no chat template: use `prompt` (completions) instead of `messages`".to_string()
         })?;
-        template.render(messages, add_generation_prompt).map_err(|e| e.to_string())
+        let mut options = RenderOptions::default();
+        if let Some(kwargs) = kwargs {
+            if kwargs.len() > MAX_TEMPLATE_KWARGS {
+                return Err(format!(
+                    "`chat_template_kwargs` has {} entries; at most {MAX_TEMPLATE_KWARGS}",
+                    kwargs.len()
+                ));
+            }
+            options.extra =
+                kwargs.iter().map(|(name, value)| (name.clone(), TemplateValue::from_serialize(value))).collect();
+        }
+        template.render_with(messages, add_generation_prompt, &options).map_err(|e| format!("chat template: {e}"))
     }
 
     /// The rendered prompt's token ids (special tokens come from the template itself).
@@ -34,8 +53,9 @@ impl PromptRenderer {
         tokenizer: &TextTokenizer,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+        kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<Vec<u32>, String> {
-        let text = self.render(messages, add_generation_prompt)?;
+        let text = self.render(messages, add_generation_prompt, kwargs)?;
         tokenizer.encode_chat(&text).map_err(|e| e.to_string())
     }
 }
