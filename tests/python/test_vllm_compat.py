@@ -243,3 +243,12 @@ def test_chat_template_kwargs_reach_the_template_and_unsupported_vllm_fields_are
         assert ok.usage.completion_tokens == 1
     finally:
         m.stop()
+
+
+def test_a_chat_template_that_is_neither_a_file_nor_a_template_stops_the_start(nats):
+    p = Process(["serve", str(MODEL), "--port", str(free_port()), "--nats-url", nats.url, "--no-start-nats",
+                 "--chat-template", "templates/missing.jinja"], "serve-badtemplate")
+    assert p.proc.wait(timeout=60) != 0
+    p.stop()
+    text = open(p.log.name).read()
+    assert "--chat-template: templates/missing.jinja is not a file" in text, text

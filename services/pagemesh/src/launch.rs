@@ -213,6 +213,10 @@ impl RequestArgs {
                 let source = match Path::new(template).is_file() {
                     true => std::fs::read_to_string(template)
                         .map_err(|e| format!("--chat-template: cannot read {template}: {e}"))?,
+                    // Text with no template syntax is a file name that was mistyped, as vLLM judges.
+                    false if !template.contains(['{', '}', '\n']) => {
+                        return Err(format!("--chat-template: {template} is not a file (nor a template)"))
+                    }
                     false => template.clone(),
                 };
                 PromptRenderer::with_template(tokenizer, &source).map_err(|e| format!("--chat-template: {e}"))
