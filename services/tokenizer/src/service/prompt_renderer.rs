@@ -59,3 +59,23 @@ impl PromptRenderer {
         tokenizer.encode_chat(&text).map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_kwargs_are_bounded_and_reserved_names_refused() {
+        let model = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/stories260K"));
+        let renderer = PromptRenderer::with_template(model, "{{ x }}").expect("template");
+        let messages = [ChatMessage::new("user", "hi")];
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..=MAX_TEMPLATE_KWARGS).map(|i| (format!("k{i}"), serde_json::json!(i))).collect();
+        let error = renderer.render(&messages, true, Some(&many)).expect_err("too many");
+        assert!(error.contains("at most 32"), "{error}");
+        let reserved = serde_json::json!({"messages": []}).as_object().cloned().expect("object");
+        assert!(renderer.render(&messages, true, Some(&reserved)).is_err());
+        let one = serde_json::json!({"x": "ok"}).as_object().cloned().expect("object");
+        assert_eq!(renderer.render(&messages, true, Some(&one)).expect("rendered"), "ok");
+    }
+}
