@@ -71,8 +71,9 @@ def http_json(url, body=None, method=None, headers=None, timeout=30):
 
 async def read_generation(nc, prefix, body, timeout=60, on_chunk=None):
     """Publishes a generation request on the NATS connection `nc` and reads its answer: the
-    chunks up to the `done` one, or the error message (a dict, with the chunks that came
-    before it under "chunks"). `on_chunk` is called with each chunk as it comes."""
+    chunks up to the `done` one (each index once), or the error message (a dict, with the
+    chunks that came before it under "chunks"). `on_chunk` is called with each chunk as it
+    comes."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     await nc.publish(f"{prefix}.generate", json.dumps(body).encode(), reply=inbox)
@@ -81,6 +82,10 @@ async def read_generation(nc, prefix, body, timeout=60, on_chunk=None):
         data = json.loads((await sub.next_msg(timeout=timeout)).data)
         if "error" in data:
             return {**data, "chunks": chunks}
+        # A chunk may come again after a detokenizer's link to NATS came back (what was on
+        # the wire is published again): a client drops an index it has seen.
+        if chunks and data.get("index", 0) <= chunks[-1].get("index", -1):
+            continue
         chunks.append(data)
         if on_chunk:
             on_chunk(data)

@@ -148,6 +148,8 @@ def test_in_flight_requests_complete_through_a_20_s_nats_outage():
         results = asyncio.run(with_outage())
         for r in results:
             assert "error" not in r, r
+            indices = [c["index"] for c in r["chunks"]]
+            assert indices == list(range(len(indices))), "a chunk was lost"
         assert texts([r["chunks"] for r in results]) == reference
         wait_for(m.all_blocks_free, timeout=10, what="every block free")
     finally:

@@ -63,7 +63,8 @@ async fn open_one(bus: &Bus, request: &GenerateRequest) -> Result<ChunkStream, E
             }
         }
     })
-    // Chunks arrive in order; drop any repeated index (never expected, cheap to guard).
+    // Chunks arrive in order; an index can come again after a fault (a detokenizer lost, or
+    // its link to NATS restored): drop what was had.
     .filter(move |item| {
         let keep = match item {
             Ok(c) if c.index < next_index => false,

@@ -30,6 +30,10 @@ use pagemesh_bus::bus::{new_id, Bus};
 
 /// Longest wait for a control answer (models, tokenize, health).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `/ready` waits for the tokenizer's and the scheduler's answers: a readiness probe
+/// must answer within its own timeout (1 s by default in Kubernetes), and a scheduler that is
+/// not serving yet (starting, or a standby) does not answer at all.
+const READY_TIMEOUT: Duration = Duration::from_millis(900);
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -463,11 +467,11 @@ struct HealthAnswer {
 
 async fn ready(state: web::Data<GatewayState>) -> HttpResponse {
     // The tokenizer answers `models`: without one, no request gets in.
-    if let Err(e) = state.bus.request(&state.bus.subjects.models(), &json!({}), CONTROL_TIMEOUT).await {
+    if let Err(e) = state.bus.request(&state.bus.subjects.models(), &json!({}), READY_TIMEOUT).await {
         let message = format!("no tokenizer answers: {e}");
         return HttpResponse::ServiceUnavailable().json(json!({"live": true, "ready": false, "error": message}));
     }
-    match state.bus.request(&state.bus.subjects.health(), &json!({}), CONTROL_TIMEOUT).await {
+    match state.bus.request(&state.bus.subjects.health(), &json!({}), READY_TIMEOUT).await {
         Ok(answer) => {
             let is_ready = serde_json::from_value::<HealthAnswer>(answer.clone()).map(|h| h.ready).unwrap_or(false);
             if is_ready {

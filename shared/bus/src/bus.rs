@@ -78,6 +78,8 @@ pub struct Bus {
     link: Arc<Mutex<LinkState>>,
     /// Whether the link was lost since it was first established.
     ever_lost: Arc<AtomicBool>,
+    /// When the link was last lost (after it was first established).
+    last_loss: Arc<tokio::sync::watch::Sender<Option<Instant>>>,
     /// Requests sent in parts so far.
     split_requests: Arc<AtomicU64>,
 }
@@ -91,13 +93,14 @@ impl Bus {
         let established = Arc::new(AtomicBool::new(false));
         let link = Arc::new(Mutex::new(LinkState { connected: false, since: Instant::now() }));
         let ever_lost = Arc::new(AtomicBool::new(false));
+        let last_loss = Arc::new(tokio::sync::watch::Sender::new(None));
         let service = name.strip_prefix("pagemesh-").unwrap_or(name).to_string();
         let reconnect_metric = metrics::counter!(names::NATS_RECONNECTS, labels::SERVICE => service);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let counter = reconnects.clone();
             let (established_now, metric) = (established.clone(), reconnect_metric.clone());
-            let (link_now, lost_now) = (link.clone(), ever_lost.clone());
+            let (link_now, lost_now, loss_now) = (link.clone(), ever_lost.clone(), last_loss.clone());
             let mut connect = match (&options.nkey_seed, &options.creds, &options.token, &options.user) {
                 (Some(seed), _, _, _) => async_nats::ConnectOptions::with_nkey(seed.clone()),
                 (None, Some(path), _, _) => async_nats::ConnectOptions::with_credentials_file(path.clone())
@@ -120,7 +123,7 @@ impl Bus {
                 .event_callback(move |event| {
                     let counter = counter.clone();
                     let (established, metric) = (established_now.clone(), metric.clone());
-                    let (link, lost) = (link_now.clone(), lost_now.clone());
+                    let (link, lost, loss) = (link_now.clone(), lost_now.clone(), loss_now.clone());
                     async move {
                         let up = match event {
                             async_nats::Event::Connected => Some(true),
@@ -132,6 +135,7 @@ impl Bus {
                         }
                         if up == Some(false) && established.load(Ordering::Relaxed) {
                             lost.store(true, Ordering::Relaxed);
+                            loss.send_replace(Some(Instant::now()));
                         }
                         if matches!(event, async_nats::Event::Connected) {
                             counter.fetch_add(1, Ordering::Relaxed);
@@ -158,6 +162,7 @@ impl Bus {
                             reconnects,
                             link,
                             ever_lost,
+                            last_loss,
                             split_requests: Arc::default(),
                         });
                     }
@@ -196,6 +201,12 @@ impl Bus {
             let pause = if link.connected { grace - up_for } else { Duration::from_millis(100) };
             tokio::time::sleep(pause).await;
         }
+    }
+
+    /// When the link was last lost after it was first established (None: never), watched:
+    /// it changes at each loss.
+    pub fn last_loss(&self) -> tokio::sync::watch::Receiver<Option<Instant>> {
+        self.last_loss.subscribe()
     }
 
     /// The connection's state now.
@@ -350,93 +361,7 @@ impl From<WireError> for BusError {
     }
 }
 
-/// Publishes messages strictly in the order they are handed over (one task drains a queue),
-/// for senders whose messages to one subscriber must not overtake each other.
-#[derive(Clone)]
-pub struct OrderedPublisher {
-    queue: tokio::sync::mpsc::UnboundedSender<Outgoing>,
-}
-
-/// A message queued for publishing: its subject, headers (if any) and bytes.
-type Outgoing = (String, Option<async_nats::HeaderMap>, Vec<u8>);
-
-/// How long after NATS comes back a publisher to clients holds its messages
-/// ([`OrderedPublisher::start_for_clients`]): clients reconnect on their own schedule (nats-py
-/// retries every 2 s by default), and what reaches the server before a client has subscribed
-/// again is lost.
-pub const CLIENT_REJOIN_GRACE: Duration = Duration::from_secs(3);
-
-impl OrderedPublisher {
-    /// Starts the draining task on the current runtime.
-    pub fn start(bus: &Bus) -> Self {
-        Self::start_gated(bus, None)
-    }
-
-    /// [`start`](Self::start), for messages to clients' inboxes (and what must follow them):
-    /// after the link to NATS was lost, nothing goes out before it has been back for `grace`
-    /// ([`Bus::wait_until_rejoined`]); meanwhile messages wait here, in order.
-    pub fn start_for_clients(bus: &Bus, grace: Duration) -> Self {
-        Self::start_gated(bus, Some(grace))
-    }
-
-    fn start_gated(bus: &Bus, grace: Option<Duration>) -> Self {
-        let (queue, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
-        let client = bus.client.clone();
-        let gate = grace.map(|grace| (bus.clone(), grace));
-        actix_rt::spawn(async move {
-            while let Some((subject, headers, payload)) = receiver.recv().await {
-                if let Some((bus, grace)) = &gate {
-                    bus.wait_until_rejoined(*grace).await;
-                }
-                let sent = match headers {
-                    Some(headers) => client.publish_with_headers(subject.clone(), headers, payload.into()).await,
-                    None => client.publish(subject.clone(), payload.into()).await,
-                };
-                if let Err(e) = sent {
-                    tracing::warn!("publish on {subject} failed: {e}");
-                }
-            }
-        });
-        Self { queue }
-    }
-
-    /// Queues a message for its topic.
-    pub fn publish<M: Serialize + DeserializeOwned>(&self, topic: &Topic<M>, message: &M) {
-        match topic.encode(message) {
-            Ok(payload) => self.publish_bytes(topic.subject().to_string(), None, payload),
-            Err(e) => tracing::warn!("{e}"),
-        }
-    }
-
-    /// Queues a message about one request, naming it in its headers ([`crate::trace`]).
-    pub fn publish_about<M: Serialize + DeserializeOwned>(&self, topic: &Topic<M>, message: &M, request_id: &str) {
-        match topic.encode(message) {
-            Ok(payload) => {
-                let headers = Some(crate::trace::headers(request_id)).filter(|h| !h.is_empty());
-                self.publish_bytes(topic.subject().to_string(), headers, payload)
-            }
-            Err(e) => tracing::warn!("{e}"),
-        }
-    }
-
-    /// Queues the answer to a request of `endpoint`, for its reply subject.
-    pub fn respond<Req, Resp>(&self, endpoint: &Endpoint<Req, Resp>, reply: String, response: &Resp)
-    where
-        Req: Serialize + DeserializeOwned,
-        Resp: Serialize + DeserializeOwned,
-    {
-        match endpoint.encode_response(response) {
-            Ok(payload) => self.publish_bytes(reply, None, payload),
-            Err(e) => tracing::warn!("{e}"),
-        }
-    }
-
-    fn publish_bytes(&self, subject: String, headers: Option<async_nats::HeaderMap>, payload: Vec<u8>) {
-        if self.queue.send((subject, headers, payload)).is_err() {
-            tracing::warn!("the publisher has stopped");
-        }
-    }
-}
+pub use crate::ordered_publisher::{OrderedPublisher, CLIENT_REJOIN_GRACE};
 
 /// The NATS account a message was sent from, as the server reports it in the
 /// `Nats-Request-Info` header of a request imported from another account (clients' accounts

@@ -2,6 +2,8 @@
 //!
 //! * [`bus`]: the NATS client (connection, requests with explicit deadlines, ordered
 //!   publishing, link state);
+//! * [`ordered_publisher`]: publishing in order, held while the link is down and the last
+//!   seconds published again when it is back;
 //! * [`listen`]: an actor's subscriptions as one stream of its own messages;
 //! * [`nats_auth`]: accounts, NKeys and per-role permissions (`pagemesh nats-config`);
 //! * [`parts`]: messages over the server's `max_payload` sent in parts and put together;
@@ -16,6 +18,7 @@ pub mod listen;
 pub mod logging;
 pub mod metrics_endpoint;
 pub mod nats_auth;
+pub mod ordered_publisher;
 pub mod parts;
 pub mod refusals;
 pub mod trace;
